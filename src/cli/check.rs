@@ -1,0 +1,59 @@
+//! `letterbox check`: one line per check, non-zero exit on any failure.
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::directory::{Directory, redact};
+
+pub async fn run(config: &Config, file: Option<&Path>) -> anyhow::Result<()> {
+    let mut failed = 0;
+    let mut report = |ok: Result<String, String>, what: &str| match ok {
+        Ok(msg) => println!("ok    {what}: {msg}"),
+        Err(msg) => {
+            failed += 1;
+            println!("FAIL  {what}: {msg}")
+        }
+    };
+    report(
+        Ok(match file {
+            Some(f) => format!("loaded {}", f.display()),
+            None => "built-in defaults (no config file found)".into(),
+        }),
+        "config",
+    );
+
+    let url = redact(&config.database.url);
+    let db = match Directory::connect(&config.database.url, 1, std::time::Duration::ZERO).await {
+        Ok(dir) => {
+            let r = dir.check_migrated().await.map(|_| format!("{url} reachable and migrated"));
+            dir.close().await;
+            r.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    report(db, "database");
+    report(check_root_writable(&config.maildir.root), "maildir root");
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => crate::tls::server_config(cert, key)
+            .map(|_| format!("{} and {} readable and matching", cert.display(), key.display()))
+            .map_err(|e| e.to_string()),
+        _ => Ok("not configured; STARTTLS will not be offered".into()),
+    };
+    report(tls, "tls");
+    if failed > 0 {
+        anyhow::bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
+/// Creates the root if needed and proves a file can be written and
+/// fsync'd there.
+fn check_root_writable(root: &Path) -> Result<String, String> {
+    let fail = |e: std::io::Error| format!("{}: {e}", root.display());
+    std::fs::create_dir_all(root).map_err(fail)?;
+    let probe = root.join(format!(".letterbox-check.{}", std::process::id()));
+    let written = std::fs::File::create(&probe).and_then(|f| f.sync_all());
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(fail)?;
+    Ok(format!("{} is writable", root.display()))
+}

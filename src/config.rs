@@ -1,0 +1,320 @@
+//! The configuration as the operator wrote it: built-in defaults, then a TOML
+//! file, then `LETTERBOX_…` environment variables (`__` separates levels, as
+//! in `LETTERBOX_DATABASE__URL`).
+//!
+//! This is the plain, validated value. Resolved runtime objects (pools, the
+//! TLS acceptor, the sink store) are built from it elsewhere.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, Duration};
+
+/// Where a config file is looked for when `--config` is not given, in order.
+pub const DEFAULT_PATHS: [&str; 2] = ["letterbox.toml", "/etc/letterbox/letterbox.toml"];
+
+/// Errors from loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--config` named a file that does not exist or cannot be read.
+    #[error("config file {path}: {source}")]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    /// A key is unknown, has the wrong type, or a value does not parse;
+    /// figment's message names the key and where it came from.
+    #[error("{0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// The values parse but do not make sense together.
+    #[error("config: {0}")]
+    Inconsistent(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Our name in the greeting, EHLO reply and Received headers.
+    pub hostname: String,
+    pub database: DatabaseConfig,
+    pub smtp: SmtpConfig,
+    pub tls: TlsConfig,
+    pub maildir: MaildirConfig,
+    pub sink: SinkConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://path`, `postgres://…`, `mysql://…` or `mariadb://…`.
+    pub url: String,
+    /// Upper bound on pooled connections.
+    pub max_connections: u32,
+    /// How long a recipient lookup is remembered by a running server. CLI
+    /// changes become visible to the server after at most this long; `0s`
+    /// turns the cache off.
+    pub cache_ttl: Duration,
+}
+
+/// What to do with a bare LF (without CR) inside message content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLf {
+    /// Treat it as a line ending (as most MTAs do) and store CRLF.
+    Normalize,
+    /// Refuse the message with 550 5.5.2.
+    Reject,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Addresses to accept SMTP on.
+    pub listen: Vec<SocketAddr>,
+    /// Largest message accepted, in bytes (advertised as SIZE).
+    pub max_message_size: ByteSize,
+    /// Recipients per transaction; RFC 5321 §4.5.3.1.8 requires at least 100.
+    pub max_recipients: usize,
+    /// Longest command line including CRLF. RFC 5321 §4.5.3.1.4 says 512,
+    /// extensions add to it; Postfix accepts 2048.
+    pub max_line_length: usize,
+    /// Errors after which the session is closed with 421.
+    pub max_errors: u32,
+    /// Idle time allowed between commands (RFC 5321 §4.5.3.2.7: 5 minutes).
+    pub command_timeout: Duration,
+    /// Idle time allowed while receiving DATA or BDAT (§4.5.3.2.6: 3 minutes).
+    pub data_timeout: Duration,
+    /// Connections served at once; more are told 421 and closed.
+    pub max_connections: usize,
+    /// Connections from one IP address at once; loopback is not exempt.
+    pub max_connections_per_ip: usize,
+    /// Separator of subaddresses: `user+tag@domain` reaches `user`. Empty
+    /// disables subaddressing.
+    pub subaddress_delimiter: String,
+    /// Normalize or reject bare LF in message content.
+    pub bare_lf: BareLf,
+    /// Look up the client's reverse DNS name for the Received header.
+    pub reverse_dns: bool,
+    /// On shutdown, how long transactions already in DATA may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain; with `key`, STARTTLS is offered.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaildirConfig {
+    /// Mail for alice@example.org lands in `<root>/example.org/alice/`.
+    pub root: PathBuf,
+    /// Messages up to this size are spooled in memory, larger ones in a
+    /// file under the root.
+    pub spool_memory_limit: ByteSize,
+    /// Deliver `user+tag@domain` into the Maildir++ folder `.tag` (created
+    /// on demand) instead of the inbox.
+    pub subaddress_folders: bool,
+}
+
+/// What the sink does when a new message does not fit in its memory bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenFull {
+    /// Drop the oldest messages to make room.
+    Evict,
+    /// Refuse the new message with 452 4.3.1.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Serve the sink's web page and API. Sink rules still route mail into
+    /// memory when this is off; they just cannot be read over HTTP.
+    pub enabled: bool,
+    /// Address of the web page and JSON API.
+    pub http_listen: SocketAddr,
+    /// Total bytes of message data held in memory.
+    pub max_bytes: ByteSize,
+    /// Messages kept per sink mailbox.
+    pub max_messages_per_mailbox: usize,
+    /// TTL of rules that do not set one.
+    pub default_ttl: Duration,
+    /// Evict the oldest or refuse new mail when a bound is reached.
+    pub when_full: WhenFull,
+    /// Rules from the config file, in addition to those in the database.
+    pub rules: Vec<SinkRuleConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkRuleConfig {
+    /// `*.tmp.example.org` or an exact domain.
+    pub pattern: String,
+    /// How long messages are kept; the sink's default when absent.
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `letterbox=debug`; `RUST_LOG`
+    /// overrides it.
+    pub level: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: default_hostname(),
+            database: DatabaseConfig::default(),
+            smtp: SmtpConfig::default(),
+            tls: TlsConfig::default(),
+            maildir: MaildirConfig::default(),
+            sink: SinkConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "sqlite://letterbox.db".into(),
+            max_connections: 16,
+            cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            max_message_size: ByteSize(25 << 20),
+            max_recipients: 100,
+            max_line_length: 2048,
+            max_errors: 20,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            subaddress_delimiter: "+".into(),
+            bare_lf: BareLf::Normalize,
+            reverse_dns: true,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for MaildirConfig {
+    fn default() -> Self {
+        MaildirConfig {
+            root: PathBuf::from("mail"),
+            spool_memory_limit: ByteSize(1 << 20),
+            subaddress_folders: false,
+        }
+    }
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            enabled: true,
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
+            max_bytes: ByteSize(256 << 20),
+            max_messages_per_mailbox: 100,
+            default_ttl: Duration::from_secs(3600),
+            when_full: WhenFull::Evict,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Config {
+    /// Loads defaults, then the file (`explicit`, else the first of
+    /// [`DEFAULT_PATHS`] that exists), then the environment.
+    pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let file = match explicit {
+            Some(path) => {
+                // figment skips a missing file silently; a file the operator
+                // named must exist.
+                std::fs::metadata(path).map_err(|source| ConfigError::Unreadable {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Some(path.to_path_buf())
+            }
+            None => DEFAULT_PATHS.iter().map(PathBuf::from).find(|p| p.exists()),
+        };
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let figment = figment.merge(Env::prefixed("LETTERBOX_").split("__"));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok((config, file))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Inconsistent(m));
+        if self.hostname.is_empty() || !self.hostname.bytes().all(|b| b.is_ascii_graphic()) {
+            return bad(format!("hostname {:?} must be a non-empty name without spaces", self.hostname));
+        }
+        if self.smtp.listen.is_empty() {
+            return bad("smtp.listen must name at least one address".into());
+        }
+        if self.smtp.max_recipients == 0 {
+            return bad("smtp.max_recipients must be at least 1".into());
+        }
+        if self.smtp.max_line_length < 512 {
+            return bad("smtp.max_line_length must be at least 512 (RFC 5321 §4.5.3.1.4)".into());
+        }
+        if self.smtp.subaddress_delimiter.chars().count() > 1 {
+            return bad("smtp.subaddress_delimiter must be a single character or empty".into());
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert and tls.key must be set together".into());
+        }
+        Ok(())
+    }
+
+    /// The subaddress delimiter, if subaddressing is on.
+    pub fn subaddress_delimiter(&self) -> Option<char> {
+        self.smtp.subaddress_delimiter.chars().next()
+    }
+}

@@ -1,0 +1,31 @@
+//! letterbox: a virtual-user maildir MTA backed by SQL.
+//!
+//! Mail arrives over SMTP, every recipient is checked against the SQL
+//! directory at RCPT time, and each accepted copy is written atomically
+//! into `<root>/<domain>/<local>/` maildirs before the 250 reply. Wildcard
+//! subdomains may instead route to an ephemeral in-memory sink.
+//!
+//! # Map of the modules
+//! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, check).
+//! - [`config`]: the configuration as written: defaults, TOML file, `LETTERBOX_…` variables.
+//! - [`units`]: durations (`1h`) and sizes (`500M`) as people write them.
+//! - [`address`]: the one place addresses become canonical (case, IDNA, safe local parts).
+//! - [`password`]: `{ARGON2ID}` hashes that Dovecot verifies.
+//! - [`directory`]: the SQL directory on SQLite, PostgreSQL or MySQL; admin changes and RCPT-time resolution.
+//! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
+//! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
+//! - [`tls`]: certificates and keys into a rustls server config.
+//! - [`serve`]: `letterbox serve`, wiring the runtime together.
+//!
+//! See `docs/flow.md` for one message's path from connect to fsync.
+
+pub mod address;
+pub mod cli;
+pub mod config;
+pub mod directory;
+pub mod envelope;
+pub mod password;
+pub mod serve;
+pub mod spool;
+pub mod tls;
+pub mod units;
