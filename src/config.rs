@@ -99,6 +99,10 @@ pub struct SmtpConfig {
     pub reverse_dns: bool,
     /// On shutdown, how long transactions already in DATA may take to finish.
     pub shutdown_grace: Duration,
+    /// Wait this long before the greeting; a client that talks first is
+    /// refused with 554 (pregreet detection, as Postfix's postscreen). 0
+    /// still refuses a client whose bytes are already waiting at connect.
+    pub greeting_delay: Duration,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -219,6 +223,7 @@ impl Default for SmtpConfig {
             bare_lf: BareLf::Normalize,
             reverse_dns: true,
             shutdown_grace: Duration::from_secs(30),
+            greeting_delay: Duration::from_secs(0),
         }
     }
 }

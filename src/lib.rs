@@ -15,6 +15,10 @@
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
 //! - [`tls`]: certificates and keys into a rustls server config.
+//! - [`smtp`]: the ESMTP server: command parser, DATA decoder, session per connection, listeners.
+//! - [`dispatch`]: hands a received transaction to the maildirs and the sink; its result is the reply.
+//! - [`delivery`]: durable maildir writes (tmp, fsync, link into new, fsync the directory).
+//! - [`sink`]: the ephemeral in-memory catch-all and its web page.
 //! - [`serve`]: `letterbox serve`, wiring the runtime together.
 //!
 //! See `docs/flow.md` for one message's path from connect to fsync.
@@ -22,10 +26,14 @@
 pub mod address;
 pub mod cli;
 pub mod config;
+pub mod delivery;
+pub mod dispatch;
 pub mod directory;
 pub mod envelope;
 pub mod password;
 pub mod serve;
+pub mod sink;
+pub mod smtp;
 pub mod spool;
 pub mod tls;
 pub mod units;

@@ -1,9 +1,125 @@
-//! `letterbox serve`: builds the runtime from the config and runs the
-//! listeners until a signal says stop.
+//! `letterbox serve`: builds the runtime objects from the config (pools,
+//! maildirs, sink, TLS), binds every listener, and runs until SIGTERM or
+//! SIGINT. SIGHUP reloads the TLS certificate and key.
 
-use crate::config::Config;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, LogFormat};
+use crate::delivery::Maildirs;
+use crate::directory::Directory;
+use crate::sink::Sink;
+use crate::smtp::{Context, Server};
+
+/// A started server: its bound addresses and the handles to stop it.
+pub struct Running {
+    /// Where SMTP listens (port 0 in the config becomes the real port).
+    pub smtp_addrs: Vec<SocketAddr>,
+    pub context: Arc<Context>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    grace: std::time::Duration,
+}
+
+impl Running {
+    /// Stops accepting and tells idle sessions 421.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for every session, up to the grace period after shutdown.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!("shutdown grace period over; closing remaining sessions");
+        }
+        self.context.directory.close().await;
+    }
+}
+
+/// Builds everything and binds the listeners; sessions run in the background.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let config = Arc::new(config);
+    let directory = Directory::connect(&config.database.url, config.database.max_connections, config.database.cache_ttl.0).await?;
+    directory.migrate().await?;
+    let maildirs = Maildirs::new(&config.maildir, &config.hostname)
+        .with_context(|| format!("maildir root {}", config.maildir.root.display()))?;
+    let sweeper = maildirs.clone();
+    match tokio::task::spawn_blocking(move || sweeper.clean_tmp()).await? {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "removed stale files from tmp/"),
+        Err(e) => tracing::warn!(error = %e, "could not sweep tmp/ directories"),
+    }
+    let sink = Sink::new(&config.sink, config.smtp.max_message_size.0);
+    let context = Arc::new(Context::new(config.clone(), directory, maildirs, sink)?);
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut smtp_addrs = Vec::new();
+    for addr in &config.smtp.listen {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for SMTP on {addr}"))?;
+        let server = Server::new(context.clone(), listener);
+        let local = server.local_addr()?;
+        tracing::info!(%local, "SMTP listening");
+        smtp_addrs.push(local);
+        tokio::spawn(server.run(shutdown.clone(), tracker.clone()));
+    }
+    Ok(Running {
+        smtp_addrs,
+        context,
+        shutdown,
+        tracker,
+        grace: config.smtp.shutdown_grace.0,
+    })
+}
+
+/// `letterbox serve`.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let _ = config;
-    anyhow::bail!("serve is not implemented yet")
+    init_logging(&config);
+    let running = start(config).await?;
+    for a in &running.smtp_addrs {
+        println!("letterbox: smtp listening on {a}");
+    }
+    let ctx = running.context.clone();
+    let shutdown = running.shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+        else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => match ctx.reload_tls() {
+                    Ok(true) => tracing::info!("TLS certificate reloaded"),
+                    Ok(false) => tracing::info!("SIGHUP: no TLS configured"),
+                    Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+                },
+            }
+        }
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+    running.wait().await;
+    Ok(())
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
 }

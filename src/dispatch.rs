@@ -1,0 +1,66 @@
+//! The narrow interface between receiving and storing: a complete
+//! transaction goes in, the reply to the end of data comes out. Sink copies
+//! go to memory, maildir copies to disk; all-or-nothing as far as the
+//! client can tell.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+
+use crate::delivery::DeliveryError;
+use crate::directory::{Mailbox, Route};
+use crate::envelope::Envelope;
+use crate::smtp::Context;
+use crate::smtp::reply::Reply;
+use crate::spool::Spool;
+
+/// Delivers every copy of a received message; the reply tells the client
+/// whether all of them are safe.
+pub async fn deliver(ctx: &Context, envelope: &Envelope, spool: Spool) -> Reply {
+    let mut mailboxes: Vec<Mailbox> = Vec::new();
+    let mut sinks = Vec::new();
+    for r in &envelope.recipients {
+        match &*r.route {
+            Route::Mailboxes(boxes) => {
+                for m in boxes {
+                    // One copy per mailbox per transaction, however many
+                    // recipients (aliases, duplicates) lead to it.
+                    if !mailboxes.iter().any(|x| x.address == m.address) {
+                        mailboxes.push(m.clone());
+                    }
+                }
+            }
+            Route::Sink { ttl, .. } => sinks.push((r.address.as_str(), *ttl)),
+            Route::UnknownUser | Route::NotServed => {}
+        }
+    }
+    // Sink copies first: if the maildir delivery then fails, the client
+    // retries and the sink holds a duplicate, which beats losing a copy
+    // after a 250.
+    if !sinks.is_empty() {
+        let content = spool.as_memory().expect("sink transactions are spooled in memory");
+        for (rcpt, ttl) in &sinks {
+            let header = envelope.received_header(rcpt);
+            let mut raw = BytesMut::with_capacity(header.len() + content.len());
+            raw.put_slice(header.as_bytes());
+            raw.put_slice(content);
+            if ctx.sink.insert(rcpt, *ttl, raw.freeze()).is_err() {
+                return Reply::sink_full();
+            }
+        }
+    }
+    if !mailboxes.is_empty() {
+        match ctx.maildirs.deliver(envelope, Arc::new(spool), &mailboxes).await {
+            Ok(_) => {}
+            Err(DeliveryError::QuotaExceeded { mailbox }) => {
+                tracing::info!(id = %envelope.id, %mailbox, "over quota");
+                return Reply::mailbox_full();
+            }
+            Err(e) => {
+                tracing::error!(id = %envelope.id, error = %e, "delivery failed");
+                return Reply::local_error();
+            }
+        }
+    }
+    Reply::delivered(&envelope.id)
+}

@@ -1,0 +1,40 @@
+//! MAIL FROM (RFC 5321 §4.1.1.2).
+
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::command::MailFrom;
+use super::reply::Reply;
+use super::session::{Session, Transaction};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(super) fn mail(&mut self, from: MailFrom) -> Reply {
+        if self.helo.is_none() {
+            return Reply::bad_sequence("Send EHLO or HELO first");
+        }
+        if self.tx.is_some() {
+            return Reply::bad_sequence("Nested MAIL command");
+        }
+        if from.size.is_some_and(|s| s > self.ctx.config.smtp.max_message_size.0) {
+            return Reply::message_too_big_declared();
+        }
+        // The sender lands in Return-Path: no control characters.
+        if from.address.chars().any(char::is_control) {
+            return Reply::bad_sender();
+        }
+        if !from.address.is_ascii() && !from.smtputf8 {
+            return Reply::need_utf8();
+        }
+        self.tx = Some(Transaction {
+            started: Instant::now(),
+            sender: from.address,
+            smtputf8: from.smtputf8,
+            recipients: Vec::new(),
+            rcpt_log: Vec::new(),
+            has_sink: false,
+            bdat: None,
+        });
+        Reply::sender_ok()
+    }
+}

@@ -1,0 +1,350 @@
+//! One SMTP session over any stream. Only the loop in [`Session::run`]
+//! writes replies, counts errors and decides to close; the verb handlers
+//! return a [`Reply`] (see ehlo.rs, mail.rs, rcpt.rs, data.rs).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::command::{self, Command};
+use super::reply::Reply;
+use super::server::Context;
+use crate::envelope::Recipient;
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum Outcome<S> {
+    /// The conversation is over; the stream is closed or to be dropped.
+    Closed,
+    /// The client asked for STARTTLS and got 220: the caller runs the TLS
+    /// handshake on the stream and starts a fresh session inside it.
+    StartTls(S),
+}
+
+/// Facts about the connection that outlive a STARTTLS upgrade.
+#[derive(Debug)]
+pub struct Connection {
+    pub ip: IpAddr,
+    /// TLS version and cipher once TLS is active.
+    pub tls: Option<String>,
+    /// The reverse DNS lookup started at connect, awaited when first needed.
+    pub rdns: Option<tokio::task::JoinHandle<Option<String>>>,
+    /// Its result, once awaited.
+    pub rdns_name: Option<Option<String>>,
+}
+
+impl Connection {
+    pub fn new(ip: IpAddr) -> Connection {
+        Connection {
+            ip,
+            tls: None,
+            rdns: None,
+            rdns_name: None,
+        }
+    }
+
+    /// The reverse DNS name, waiting at most a few seconds for the lookup.
+    pub async fn rdns_name(&mut self) -> Option<String> {
+        if self.rdns_name.is_none() {
+            let name = match self.rdns.take() {
+                Some(h) => tokio::time::timeout(Duration::from_secs(5), h).await.ok().and_then(|r| r.ok()).flatten(),
+                None => None,
+            };
+            self.rdns_name = Some(name);
+        }
+        self.rdns_name.clone().flatten()
+    }
+}
+
+/// A mail transaction in progress (between MAIL and the end of data).
+#[derive(Debug)]
+pub(super) struct Transaction {
+    pub started: Instant,
+    pub sender: String,
+    pub smtputf8: bool,
+    pub recipients: Vec<Recipient>,
+    /// Every RCPT and its reply code, for the transaction's log line.
+    pub rcpt_log: Vec<(String, u16)>,
+    /// Some recipient goes to the sink: the content must stay in memory.
+    pub has_sink: bool,
+    /// BDAT in progress.
+    pub bdat: Option<super::data::Bdat>,
+}
+
+/// What reading a line produced.
+pub(super) enum Read {
+    Line(Vec<u8>),
+    TooLong,
+    Closed,
+    TimedOut,
+    Shutdown,
+}
+
+pub struct Session<S> {
+    pub(super) stream: S,
+    /// Bytes read but not yet consumed: at most one line plus one read.
+    pub(super) rbuf: BytesMut,
+    /// Replies not yet flushed; pipelined replies go out together.
+    pub(super) wbuf: Vec<u8>,
+    pub(super) ctx: Arc<Context>,
+    pub(super) conn: Connection,
+    pub(super) shutdown: CancellationToken,
+    /// The EHLO/HELO argument, once given.
+    pub(super) helo: Option<String>,
+    /// EHLO (not HELO) was used.
+    pub(super) esmtp: bool,
+    pub(super) tx: Option<Transaction>,
+    errors: u32,
+    /// While discarding the rest of an over-long line.
+    discarding: bool,
+}
+
+/// What a handler wants after its reply.
+pub(super) enum Next {
+    Continue,
+    Close,
+    StartTls,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(stream: S, ctx: Arc<Context>, conn: Connection, shutdown: CancellationToken) -> Session<S> {
+        Session {
+            stream,
+            rbuf: BytesMut::with_capacity(1024),
+            wbuf: Vec::with_capacity(256),
+            ctx,
+            conn,
+            shutdown,
+            helo: None,
+            esmtp: false,
+            tx: None,
+            errors: 0,
+            discarding: false,
+        }
+    }
+
+    /// Runs the dialogue. `greet` is false after STARTTLS, where the
+    /// client speaks first (RFC 3207 §4.2).
+    pub async fn run(mut self, greet: bool) -> std::io::Result<(Outcome<S>, Connection)> {
+        if greet {
+            if self.talked_first().await? {
+                self.send_now(&Reply::pregreet()).await?;
+                return Ok((Outcome::Closed, self.conn));
+            }
+            self.send_now(&Reply::greeting(&self.ctx.hostname)).await?;
+        }
+        loop {
+            let timeout = self.ctx.config.smtp.command_timeout.0;
+            let line = match self.read_line(timeout).await? {
+                Read::Line(line) => line,
+                Read::TooLong => {
+                    if self.reply(Reply::line_too_long()) {
+                        break;
+                    }
+                    continue;
+                }
+                Read::Closed => break,
+                Read::TimedOut => {
+                    self.send_now(&Reply::timeout()).await?;
+                    break;
+                }
+                Read::Shutdown => {
+                    self.send_now(&Reply::shutting_down()).await?;
+                    break;
+                }
+            };
+            let (reply, next) = match command::parse(&line) {
+                Ok(cmd) => self.dispatch(cmd).await?,
+                Err(reply) => (reply, Next::Continue),
+            };
+            let too_many = self.reply(reply);
+            match next {
+                _ if too_many => break,
+                Next::Continue => {}
+                Next::Close => break,
+                Next::StartTls => {
+                    self.flush().await?;
+                    if !self.rbuf.is_empty() {
+                        // Plaintext pipelined behind STARTTLS must never be
+                        // read as if it came over TLS (CVE-2011-0411).
+                        tracing::warn!(ip = %self.conn.ip, bytes = self.rbuf.len(), "discarding plaintext pipelined after STARTTLS");
+                        self.rbuf.clear();
+                    }
+                    self.log_abandoned("STARTTLS");
+                    return Ok((Outcome::StartTls(self.stream), self.conn));
+                }
+            }
+        }
+        self.log_abandoned("connection closed");
+        self.flush().await?;
+        let _ = self.stream.shutdown().await;
+        Ok((Outcome::Closed, self.conn))
+    }
+
+    async fn dispatch(&mut self, cmd: Command) -> std::io::Result<(Reply, Next)> {
+        let reply = match cmd {
+            Command::Ehlo(host) => self.ehlo(host, true),
+            Command::Helo(host) => self.ehlo(host, false),
+            Command::StartTls => return Ok(self.starttls()),
+            Command::Mail(from) => self.mail(from),
+            Command::Rcpt(to) => self.rcpt(to).await,
+            Command::Data => return self.data().await,
+            Command::Bdat { size, last } => return self.bdat(size, last).await,
+            Command::Rset => {
+                self.log_abandoned("RSET");
+                self.tx = None;
+                Reply::ok()
+            }
+            Command::Noop => Reply::ok(),
+            Command::Help => Reply::help(),
+            Command::Vrfy => Reply::vrfy(),
+            Command::Expn => Reply::expn_refused(),
+            Command::NotImplemented => Reply::not_implemented(),
+            Command::Quit => return Ok((Reply::closing(&self.ctx.hostname), Next::Close)),
+        };
+        Ok((reply, Next::Continue))
+    }
+
+    /// Queues a reply and counts it if it is an error. Returns true when the
+    /// error limit is reached; the 421 is then queued too.
+    pub(super) fn reply(&mut self, reply: Reply) -> bool {
+        reply.write_to(&mut self.wbuf);
+        if reply.is_error() {
+            self.errors += 1;
+            if self.errors >= self.ctx.config.smtp.max_errors {
+                Reply::too_many_errors().write_to(&mut self.wbuf);
+                return true;
+            }
+        }
+        false
+    }
+
+    pub(super) async fn send_now(&mut self, reply: &Reply) -> std::io::Result<()> {
+        reply.write_to(&mut self.wbuf);
+        self.flush().await
+    }
+
+    pub(super) async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Whether the client sent anything before our greeting (within the
+    /// configured delay, or already waiting at connect).
+    async fn talked_first(&mut self) -> std::io::Result<bool> {
+        let delay = self.ctx.config.smtp.greeting_delay.0;
+        let mut byte = [0u8; 1];
+        let read = self.stream.read(&mut byte);
+        if delay.is_zero() {
+            // Only what is already there counts; never wait.
+            return Ok(matches!(futures_now(read), Some(Ok(n)) if n > 0));
+        }
+        Ok(matches!(tokio::time::timeout(delay, read).await, Ok(Ok(n)) if n > 0))
+    }
+
+    /// Reads more input into `rbuf`, flushing pending replies first.
+    /// Returns Ok(false) at end of stream.
+    pub(super) async fn fill(&mut self, timeout: Duration, watch_shutdown: bool) -> std::io::Result<Result<bool, Read>> {
+        self.flush().await?;
+        if self.rbuf.capacity() - self.rbuf.len() < 512 {
+            self.rbuf.reserve(4096);
+        }
+        let shutdown = self.shutdown.clone();
+        let read = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.rbuf));
+        let result = if watch_shutdown {
+            tokio::select! {
+                r = read => r,
+                _ = shutdown.cancelled() => return Ok(Err(Read::Shutdown)),
+            }
+        } else {
+            read.await
+        };
+        match result {
+            Err(_) => Ok(Err(Read::TimedOut)),
+            Ok(Ok(0)) => Ok(Ok(false)),
+            Ok(Ok(_)) => Ok(Ok(true)),
+            Ok(Err(e)) if is_disconnect(&e) => Ok(Ok(false)),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// Reads one command line, bounded by `smtp.max_line_length`. An
+    /// over-long line is discarded up to its end and reported once.
+    async fn read_line(&mut self, timeout: Duration) -> std::io::Result<Read> {
+        let max = self.ctx.config.smtp.max_line_length;
+        loop {
+            if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+                let line = self.rbuf.split_to(pos + 1);
+                if std::mem::take(&mut self.discarding) {
+                    return Ok(Read::TooLong);
+                }
+                if line.len() > max {
+                    return Ok(Read::TooLong);
+                }
+                return Ok(Read::Line(line.to_vec()));
+            }
+            if self.rbuf.len() > max {
+                // Keep memory bounded: drop what we have and skip to the LF.
+                self.rbuf.clear();
+                self.discarding = true;
+            }
+            // Shutdown interrupts only between commands, never a line.
+            let idle = self.rbuf.is_empty() && !self.discarding;
+            match self.fill(timeout, idle).await? {
+                Ok(true) => {}
+                Ok(false) => return Ok(Read::Closed),
+                Err(r) => return Ok(r),
+            }
+        }
+    }
+
+    /// Consumes up to `n` buffered bytes.
+    pub(super) fn take_buffered(&mut self, n: usize) -> bytes::Bytes {
+        let n = n.min(self.rbuf.len());
+        self.rbuf.split_to(n).freeze()
+    }
+
+    pub(super) fn advance(&mut self, n: usize) {
+        self.rbuf.advance(n);
+    }
+
+    /// Logs a transaction that ended without data being accepted.
+    fn log_abandoned(&mut self, why: &str) {
+        if let Some(tx) = self.tx.take() {
+            tracing::info!(
+                ip = %self.conn.ip,
+                helo = self.helo.as_deref().unwrap_or(""),
+                tls = self.conn.tls.as_deref().unwrap_or("no"),
+                from = %tx.sender,
+                rcpts = ?tx.rcpt_log,
+                duration_ms = tx.started.elapsed().as_millis() as u64,
+                result = why,
+                "transaction abandoned"
+            );
+        }
+    }
+}
+
+/// Polls a future once: Some(output) if it is ready now.
+fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+}
