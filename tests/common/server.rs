@@ -77,12 +77,16 @@ impl TestServer {
 /// A plain SMTP client that checks exact replies.
 pub struct Client<S> {
     pub stream: BufReader<S>,
+    /// How long to wait for a reply before failing the test; tests on a
+    /// paused clock raise it above the server's own timeouts.
+    pub patience: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub fn new(stream: S) -> Client<S> {
         Client {
             stream: BufReader::new(stream),
+            patience: Duration::from_secs(30),
         }
     }
 
@@ -91,7 +95,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut out = String::new();
         loop {
             let mut line = String::new();
-            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read_line(&mut line))
+            let n = tokio::time::timeout(self.patience, self.stream.read_line(&mut line))
                 .await
                 .expect("reply timed out")
                 .unwrap_or(0);
