@@ -14,6 +14,7 @@
 //! - [`directory`]: the SQL directory on SQLite, PostgreSQL or MySQL; admin changes and RCPT-time resolution.
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
+//! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping.
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`serve`]: `letterbox serve`, wiring the runtime together.
 //!
@@ -22,6 +23,7 @@
 pub mod address;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod directory;
 pub mod envelope;
 pub mod password;
