@@ -77,27 +77,27 @@ impl Spool {
         if data.is_empty() {
             return Ok(());
         }
-        if let Some(f) = &mut self.file {
-            f.write_all(data)?;
-        } else {
-            self.memory.extend_from_slice(data);
-            if self.memory.len() > self.memory_limit {
-                if let Some(dir) = &self.dir {
-                    let mut f = tempfile::tempfile_in(dir)?;
-                    f.write_all(&self.memory)?;
-                    self.memory = Vec::new();
-                    self.file = Some(f);
-                }
-            }
+        match &mut self.file {
+            Some(f) => f.write_all(data)?,
+            None => self.memory.extend_from_slice(data),
         }
-        // Counted only once the bytes are stored, so a failed write leaves
-        // the counters describing what is there.
+        // Counted once the bytes are stored, so the counters describe what
+        // is there even if moving to a file fails below.
         self.len += data.len() as u64;
         if self.ends_in_cr && data[0] == b'\n' {
             self.crlf += 1;
         }
         self.crlf += data.windows(2).filter(|w| w == b"\r\n").count() as u64;
         self.ends_in_cr = data[data.len() - 1] == b'\r';
+        if self.file.is_none()
+            && self.memory.len() > self.memory_limit
+            && let Some(dir) = &self.dir
+        {
+            let mut f = tempfile::tempfile_in(dir)?;
+            f.write_all(&self.memory)?;
+            self.memory = Vec::new();
+            self.file = Some(f);
+        }
         Ok(())
     }
 
@@ -125,7 +125,9 @@ impl Spool {
         if offset >= self.len {
             return Ok(0);
         }
-        let want = buf.len().min((self.len - offset).min(usize::MAX as u64) as usize);
+        let want = buf
+            .len()
+            .min((self.len - offset).min(usize::MAX as u64) as usize);
         match &self.file {
             None => {
                 let start = offset as usize;
@@ -136,7 +138,10 @@ impl Spool {
                 match f.read_at(&mut buf[..want], offset) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Ok(0) if want > 0 => {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool file shorter than its content"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "spool file shorter than its content",
+                        ));
                     }
                     r => return r,
                 }
@@ -147,7 +152,10 @@ impl Spool {
     /// A reader over the whole content from its start; independent of any
     /// other reader.
     pub fn reader(&self) -> SpoolReader<'_> {
-        SpoolReader { spool: self, pos: 0 }
+        SpoolReader {
+            spool: self,
+            pos: 0,
+        }
     }
 }
 
@@ -207,7 +215,10 @@ mod tests {
         s.reader().read_to_end(&mut all).unwrap();
         let mut rest = Vec::new();
         a.read_to_end(&mut rest).unwrap();
-        assert_eq!((&one[..], &all[..], &rest[..]), (&b"ab"[..], &b"abcdef"[..], &b"cdef"[..]));
+        assert_eq!(
+            (&one[..], &all[..], &rest[..]),
+            (&b"ab"[..], &b"abcdef"[..], &b"cdef"[..])
+        );
         let mut buf = [0u8; 8];
         assert_eq!(s.read_at(&mut buf, 4).unwrap(), 2);
         assert_eq!(s.read_at(&mut buf, 6).unwrap(), 0);

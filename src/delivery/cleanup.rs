@@ -29,7 +29,11 @@ pub(crate) fn clean_tmp(root: &Path, now: SystemTime) -> io::Result<usize> {
             for entry in folders.flatten() {
                 let name = entry.file_name();
                 let name = name.as_encoded_bytes();
-                if name.len() > 1 && name[0] == b'.' && name != b".." && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if name.len() > 1
+                    && name[0] == b'.'
+                    && name != b".."
+                    && entry.file_type().is_ok_and(|t| t.is_dir())
+                {
                     removed += sweep(&entry.path().join("tmp"), now);
                 }
             }
@@ -63,7 +67,9 @@ fn sweep(tmp: &Path, now: SystemTime) -> usize {
     let mut removed = 0;
     for entry in entries.flatten() {
         let Ok(md) = entry.metadata() else { continue };
-        let old = md.modified().is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age > TMP_MAX_AGE));
+        let old = md
+            .modified()
+            .is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age > TMP_MAX_AGE));
         if md.is_file() && old {
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => removed += 1,

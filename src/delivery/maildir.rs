@@ -32,7 +32,10 @@ const MAX_FOLDER: usize = 64;
 /// checked by `address.rs` already; this is defence in depth.
 pub(crate) fn check_component(s: &str) -> io::Result<()> {
     if s.is_empty() || s.starts_with('.') || s.contains('/') || s.contains('\0') {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unsafe maildir path component {s:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unsafe maildir path component {s:?}"),
+        ));
     }
     Ok(())
 }
@@ -52,7 +55,9 @@ pub(crate) fn folder_name(tag: &str) -> Option<String> {
         && !tag.starts_with('.')
         && !tag.ends_with('.')
         && !tag.contains("..")
-        && tag.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'&');
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'&');
     ok.then_some(tag)
 }
 
@@ -67,7 +72,12 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    pub(crate) fn new(root: &Path, domain: &str, local: &str, folder: Option<String>) -> io::Result<Target> {
+    pub(crate) fn new(
+        root: &Path,
+        domain: &str,
+        local: &str,
+        folder: Option<String>,
+    ) -> io::Result<Target> {
         check_component(domain)?;
         check_component(local)?;
         Ok(Target {
@@ -107,7 +117,9 @@ impl Names {
 
     /// A fresh name for a file of `size` bytes.
     pub(crate) fn next(&self, size: u64) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let n = DELIVERIES.fetch_add(1, Ordering::Relaxed);
         format!(
             "{}.M{}P{}Q{}.{},S={}",
@@ -190,7 +202,12 @@ pub(crate) fn ensure(root: &Path, target: &Target, known: &KnownDirs) -> Result<
     if target.folder.is_some() {
         // Dovecot's Maildir++ marks a folder with an empty `maildirfolder`.
         let marker = maildir.join("maildirfolder");
-        match OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&marker) {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&marker)
+        {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err((marker, e)),
@@ -229,8 +246,17 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// Creates `tmp/<name>` exclusively (mode 0600), writes `headers` (already
 /// LF) and the spool converted to LF, and fsyncs it. Returns the file's
 /// size. On error nothing is left behind.
-pub(crate) fn write_copy(path: &Path, headers: &[u8], spool: &Spool, buf: &mut Vec<u8>) -> io::Result<u64> {
-    let file = OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path)?;
+pub(crate) fn write_copy(
+    path: &Path,
+    headers: &[u8],
+    spool: &Spool,
+    buf: &mut Vec<u8>,
+) -> io::Result<u64> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
     let r = fill(file, headers, spool, buf);
     if r.is_err() {
         let _ = std::fs::remove_file(path);
@@ -269,7 +295,13 @@ fn fill(mut file: File, headers: &[u8], spool: &Spool, buf: &mut Vec<u8>) -> io:
 
 /// Links a staged file into `new/` under `name`, choosing a fresh name from
 /// `names` while one is taken. Returns the final path.
-pub(crate) fn link_new(tmp: &Path, new_dir: &Path, name: &str, size: u64, names: &Names) -> Result<PathBuf, PathError> {
+pub(crate) fn link_new(
+    tmp: &Path,
+    new_dir: &Path,
+    name: &str,
+    size: u64,
+    names: &Names,
+) -> Result<PathBuf, PathError> {
     let mut dest = new_dir.join(name);
     for _ in 0..8 {
         match std::fs::hard_link(tmp, &dest) {
@@ -281,7 +313,13 @@ pub(crate) fn link_new(tmp: &Path, new_dir: &Path, name: &str, size: u64, names:
             Err(e) => return Err((dest, e)),
         }
     }
-    Err((dest, io::Error::new(io::ErrorKind::AlreadyExists, "no free maildir name after 8 tries")))
+    Err((
+        dest,
+        io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "no free maildir name after 8 tries",
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -298,7 +336,13 @@ mod tests {
         }
         assert!(Target::new(Path::new("/r"), "..", "alice", None).is_err());
         assert!(Target::new(Path::new("/r"), "example.org", "a/b", None).is_err());
-        let t = Target::new(Path::new("/r"), "example.org", "alice", Some("lists".into())).unwrap();
+        let t = Target::new(
+            Path::new("/r"),
+            "example.org",
+            "alice",
+            Some("lists".into()),
+        )
+        .unwrap();
         assert_eq!(t.maildir(), Path::new("/r/example.org/alice/.lists"));
         assert_eq!(t.mailbox, Path::new("/r/example.org/alice"));
     }
@@ -307,8 +351,23 @@ mod tests {
     fn folder_names() {
         assert_eq!(folder_name("Lists").as_deref(), Some("lists"));
         assert_eq!(folder_name("a.b").as_deref(), Some("a.b"));
-        assert_eq!(folder_name(&"x".repeat(64)).as_deref(), Some("x".repeat(64).as_str()));
-        for bad in ["", ".x", "x.", "a..b", "a/b", "a\0b", "a\tb", "a b", "caf\u{e9}", "a&b", "\u{7f}"] {
+        assert_eq!(
+            folder_name(&"x".repeat(64)).as_deref(),
+            Some("x".repeat(64).as_str())
+        );
+        for bad in [
+            "",
+            ".x",
+            "x.",
+            "a..b",
+            "a/b",
+            "a\0b",
+            "a\tb",
+            "a b",
+            "caf\u{e9}",
+            "a&b",
+            "\u{7f}",
+        ] {
             assert_eq!(folder_name(bad), None, "{bad:?}");
         }
         assert_eq!(folder_name(&"x".repeat(65)), None);

@@ -105,9 +105,15 @@ impl Maildirs {
     /// Creates the root (0700) if missing and the spool dir.
     pub fn new(config: &MaildirConfig, hostname: &str) -> io::Result<Maildirs> {
         let root = config.root.clone();
-        DirBuilder::new().recursive(true).mode(0o700).create(&root)?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)?;
         let spool_dir = root.join(SPOOL_DIR);
-        DirBuilder::new().recursive(true).mode(0o700).create(&spool_dir)?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&spool_dir)?;
         Ok(Maildirs {
             inner: Arc::new(Inner {
                 root,
@@ -138,9 +144,11 @@ impl Maildirs {
         }
         let target = self.inner.target(mailbox)?;
         let (inner, quota) = (self.inner.clone(), mailbox.quota);
-        tokio::task::spawn_blocking(move || Ok(quota::usage(&target.mailbox, quota, &inner.names)? >= quota))
-            .await
-            .map_err(io::Error::other)?
+        tokio::task::spawn_blocking(move || {
+            Ok(quota::usage(&target.mailbox, quota, &inner.names)? >= quota)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// All-or-nothing delivery of one message to every mailbox (already
@@ -179,12 +187,19 @@ struct Copy {
 /// `Return-Path`, `Delivered-To`, `X-Original-To` for an alias, and the
 /// `Received` field naming only the recipient that reached this mailbox.
 fn trace_headers(envelope: &Envelope, m: &Mailbox) -> Vec<u8> {
-    let mut h = format!("Return-Path: <{}>\nDelivered-To: {}\n", envelope.sender, m.address);
+    let mut h = format!(
+        "Return-Path: <{}>\nDelivered-To: {}\n",
+        envelope.sender, m.address
+    );
     if let Some(original) = &m.original {
         h.push_str(&format!("X-Original-To: {original}\n"));
     }
     let mut h = h.into_bytes();
-    h.extend_from_slice(&lf::to_lf(envelope.received_header(&recipient_of(envelope, m)).as_bytes()));
+    h.extend_from_slice(&lf::to_lf(
+        envelope
+            .received_header(&recipient_of(envelope, m))
+            .as_bytes(),
+    ));
     h
 }
 
@@ -254,10 +269,10 @@ impl Drop for Staging {
 }
 
 fn remove_logged(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != io::ErrorKind::NotFound {
-            tracing::error!(path = %path.display(), error = %e, "could not remove a partial delivery");
-        }
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::error!(path = %path.display(), error = %e, "could not remove a partial delivery");
     }
 }
 
@@ -294,7 +309,13 @@ impl Inner {
                 .map_err(|e| DeliveryError::io((p.target.mailbox.join(quota::MAILDIRSIZE), e)))?;
             if used.saturating_add(p.size) > quota {
                 let mailbox = p.copy.mailbox.address.to_string();
-                tracing::info!(mailbox, used, size = p.size, quota, "over quota; nothing delivered");
+                tracing::info!(
+                    mailbox,
+                    used,
+                    size = p.size,
+                    quota,
+                    "over quota; nothing delivered"
+                );
                 return Err(DeliveryError::QuotaExceeded { mailbox });
             }
         }
@@ -303,7 +324,9 @@ impl Inner {
         let mut buf = Vec::new();
         for p in &plans {
             let (tmp, name) = self.stage(p, spool, &mut buf).map_err(DeliveryError::io)?;
-            staging.tmp.push((tmp, p.target.maildir().join("new"), name));
+            staging
+                .tmp
+                .push((tmp, p.target.maildir().join("new"), name));
         }
 
         for (i, (tmp, new_dir, name)) in staging.tmp.iter().enumerate() {
@@ -311,8 +334,9 @@ impl Inner {
                 Err((_, e)) if e.kind() == io::ErrorKind::NotFound => {
                     // new/ vanished under us; make it again, once.
                     self.known.forget(&plans[i].target.maildir());
-                    maildir::ensure(&self.root, &plans[i].target, &self.known)
-                        .and_then(|()| maildir::link_new(tmp, new_dir, name, plans[i].size, &self.names))
+                    maildir::ensure(&self.root, &plans[i].target, &self.known).and_then(|()| {
+                        maildir::link_new(tmp, new_dir, name, plans[i].size, &self.names)
+                    })
                 }
                 r => r,
             };
@@ -341,7 +365,12 @@ impl Inner {
 
     /// Writes one copy into `tmp/` and fsyncs it; returns its path and name.
     /// If `tmp/` vanished since we last looked, makes it again, once.
-    fn stage(&self, p: &Plan<'_>, spool: &Spool, buf: &mut Vec<u8>) -> Result<(PathBuf, String), PathError> {
+    fn stage(
+        &self,
+        p: &Plan<'_>,
+        spool: &Spool,
+        buf: &mut Vec<u8>,
+    ) -> Result<(PathBuf, String), PathError> {
         let maildir = p.target.maildir();
         for attempt in 0..2 {
             let name = self.names.next(p.size);

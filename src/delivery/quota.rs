@@ -56,7 +56,11 @@ pub(crate) fn parse(text: &str) -> Option<Parsed> {
             _ => return None,
         }
     }
-    Some(Parsed { quota, bytes, count })
+    Some(Parsed {
+        quota,
+        bytes,
+        count,
+    })
 }
 
 /// Bytes used by the mailbox at `mailbox` (all folders), for a quota of
@@ -67,10 +71,11 @@ pub(crate) fn usage(mailbox: &Path, quota: u64, names: &Names) -> io::Result<u64
     match std::fs::File::open(&path) {
         Ok(mut f) => {
             let mut text = String::new();
-            if f.metadata()?.len() <= MAX_FILE && f.read_to_string(&mut text).is_ok() {
-                if let Some(p) = parse(&text).filter(|p| p.quota == Some(quota)) {
-                    return Ok(p.bytes.max(0) as u64);
-                }
+            if f.metadata()?.len() <= MAX_FILE
+                && f.read_to_string(&mut text).is_ok()
+                && let Some(p) = parse(&text).filter(|p| p.quota == Some(quota))
+            {
+                return Ok(p.bytes.max(0) as u64);
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -130,7 +135,9 @@ pub(crate) fn recount(mailbox: &Path) -> io::Result<(u64, u64)> {
 /// The `S=<size>` field of a maildir name, in the part before `:2,` flags.
 pub(crate) fn size_from_name(name: &str) -> Option<u64> {
     let base = name.split(':').next()?;
-    base.split(',').skip(1).find_map(|f| f.strip_prefix("S=")?.parse().ok())
+    base.split(',')
+        .skip(1)
+        .find_map(|f| f.strip_prefix("S=")?.parse().ok())
 }
 
 /// Writes a fresh `maildirsize` the Maildir++ way: into `tmp/`, then
@@ -138,8 +145,14 @@ pub(crate) fn size_from_name(name: &str) -> Option<u64> {
 fn rewrite(mailbox: &Path, quota: u64, bytes: u64, count: u64, names: &Names) -> io::Result<()> {
     let text = format!("{quota}S\n{bytes} {count}\n");
     let tmp = mailbox.join("tmp").join(names.next(text.len() as u64));
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&tmp)?;
-    let r = f.write_all(text.as_bytes()).and_then(|()| std::fs::rename(&tmp, mailbox.join(MAILDIRSIZE)));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(&tmp)?;
+    let r = f
+        .write_all(text.as_bytes())
+        .and_then(|()| std::fs::rename(&tmp, mailbox.join(MAILDIRSIZE)));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -158,7 +171,9 @@ pub(crate) fn record(mailbox: &Path, size: u64) {
     match r {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not update maildirsize"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not update maildirsize")
+        }
     }
 }
 
@@ -178,8 +193,22 @@ mod tests {
         );
         assert_eq!(parse("5000S,10C\n1 1\n").unwrap().quota, Some(5000));
         assert_eq!(parse("10C\n").unwrap().quota, None);
-        assert_eq!(parse("\n7 1\n").unwrap(), Parsed { quota: None, bytes: 7, count: 1 });
-        for bad in ["", "1000X\n", "1000S\n1\n", "1000S\nx 1\n", "1000S\n1 2 3\n", "abcS\n"] {
+        assert_eq!(
+            parse("\n7 1\n").unwrap(),
+            Parsed {
+                quota: None,
+                bytes: 7,
+                count: 1
+            }
+        );
+        for bad in [
+            "",
+            "1000X\n",
+            "1000S\n1\n",
+            "1000S\nx 1\n",
+            "1000S\n1 2 3\n",
+            "abcS\n",
+        ] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
     }
@@ -187,7 +216,10 @@ mod tests {
     #[test]
     fn sizes_from_names() {
         assert_eq!(size_from_name("1.M2P3Q4.host,S=1234"), Some(1234));
-        assert_eq!(size_from_name("1.M2P3Q4.host,S=1234,W=1300:2,S"), Some(1234));
+        assert_eq!(
+            size_from_name("1.M2P3Q4.host,S=1234,W=1300:2,S"),
+            Some(1234)
+        );
         assert_eq!(size_from_name("1.M2P3Q4.host,W=10,S=99:2,"), Some(99));
         assert_eq!(size_from_name("1.M2P3Q4.host:2,S"), None);
         assert_eq!(size_from_name("1.M2P3Q4.host"), None);
@@ -206,12 +238,18 @@ mod tests {
         std::fs::write(m.join("tmp/4.M1P1Q1.h,S=999"), "").unwrap();
         let names = Names::new("h");
         assert_eq!(usage(m, 1000, &names).unwrap(), 125);
-        assert_eq!(std::fs::read_to_string(m.join(MAILDIRSIZE)).unwrap(), "1000S\n125 3\n");
+        assert_eq!(
+            std::fs::read_to_string(m.join(MAILDIRSIZE)).unwrap(),
+            "1000S\n125 3\n"
+        );
         record(m, 10);
         assert_eq!(usage(m, 1000, &names).unwrap(), 135);
         // Another quota definition means recount.
         assert_eq!(usage(m, 2000, &names).unwrap(), 125);
-        assert_eq!(std::fs::read_to_string(m.join(MAILDIRSIZE)).unwrap(), "2000S\n125 3\n");
+        assert_eq!(
+            std::fs::read_to_string(m.join(MAILDIRSIZE)).unwrap(),
+            "2000S\n125 3\n"
+        );
         assert_eq!(usage(&m.join("absent"), 1000, &names).unwrap(), 0);
     }
 }
