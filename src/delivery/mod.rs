@@ -22,10 +22,12 @@
 //! the two things this module exists for.
 //!
 //! All disk work runs in `spawn_blocking`, so a slow disk stalls only the
-//! transaction waiting for it. Concurrent transactions fsync concurrently,
-//! which lets the filesystem's journal commit them together.
+//! transaction waiting for it. Concurrent transactions fdatasync their files
+//! concurrently, which lets the filesystem's journal commit them together,
+//! and share `new/` fsyncs through a group commit ([`dirsync`]).
 
 mod cleanup;
+mod dirsync;
 mod lf;
 mod maildir;
 mod quota;
@@ -37,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use self::dirsync::DirSyncs;
 use self::maildir::{KnownDirs, Names, PathError, Target};
 use crate::config::MaildirConfig;
 use crate::directory::{Mailbox, Route};
@@ -67,6 +70,8 @@ struct Inner {
     names: Names,
     /// Maildirs known to exist, to skip mkdir on the hot path.
     known: KnownDirs,
+    /// Group commit of `new/` fsyncs across concurrent transactions.
+    dir_syncs: DirSyncs,
 }
 
 /// A delivery that happened.
@@ -121,6 +126,7 @@ impl Maildirs {
                 subaddress_folders: config.subaddress_folders,
                 names: Names::new(hostname),
                 known: KnownDirs::default(),
+                dir_syncs: DirSyncs::default(),
             }),
         })
     }
@@ -347,7 +353,9 @@ impl Inner {
         new_dirs.sort();
         new_dirs.dedup();
         for dir in new_dirs {
-            maildir::fsync_dir(dir).map_err(|e| DeliveryError::io((dir.clone(), e)))?;
+            self.dir_syncs
+                .sync(dir)
+                .map_err(|e| DeliveryError::io((dir.clone(), e)))?;
         }
 
         // Durable. From here on nothing may fail the transaction.
@@ -357,7 +365,9 @@ impl Inner {
                 tracing::warn!(path = %t.display(), error = %e, "could not remove the tmp name of a delivered copy");
             }
         }
-        for p in &plans {
+        // Only mailboxes with a quota keep `maildirsize` (the directory feeds
+        // Dovecot's quota too); probing it for the others is a wasted open.
+        for p in plans.iter().filter(|p| p.copy.mailbox.quota > 0) {
             quota::record(&p.target.mailbox, p.size);
         }
         Ok(Delivered { paths })
