@@ -519,6 +519,34 @@ async fn over_quota_delivers_nothing_and_maildirsize_follows() {
 }
 
 #[tokio::test]
+async fn a_maildirsize_written_by_dovecot_is_trusted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let md = Maildirs::new(&config(root), "mx").unwrap();
+    let mut alice = mailbox("alice", "example.org");
+    alice.quota = 10_000;
+    let mb = root.join("example.org/alice");
+    for d in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(mb.join(d)).unwrap();
+    }
+    // Dovecot's deltas, including an expunge; the maildir itself is empty.
+    std::fs::write(mb.join("maildirsize"), "10000S\n9000 3\n-500 -1\n1400 1\n").unwrap();
+    assert!(!md.is_over_quota(&alice).await.unwrap());
+    let env = envelope("", &[("alice@example.org", from_ref(&alice))]);
+    let err = md
+        .deliver(&env, memory_spool(BODY_CRLF), from_ref(&alice))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DeliveryError::QuotaExceeded { .. }),
+        "{err:?}"
+    );
+    std::fs::write(mb.join("maildirsize"), "10000S\n10000 3\n").unwrap();
+    assert!(md.is_over_quota(&alice).await.unwrap());
+    assert!(files(&mb.join("new")).is_empty() && files(&mb.join("tmp")).is_empty());
+}
+
+#[tokio::test]
 async fn clean_tmp_removes_only_files_older_than_36_hours() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();

@@ -398,6 +398,22 @@ mod tests {
     }
 
     #[test]
+    fn a_taken_name_in_new_gets_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, new) = (dir.path().join("tmp"), dir.path().join("new"));
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(tmp.join("n"), "mine").unwrap();
+        std::fs::write(new.join("n"), "someone else's").unwrap();
+        let names = Names::new("h");
+        let got = link_new(&tmp.join("n"), &new, "n", 4, &names).unwrap();
+        assert_ne!(got, new.join("n"));
+        assert!(got.to_str().unwrap().ends_with(".h,S=4"));
+        assert_eq!(std::fs::read(&got).unwrap(), b"mine");
+        assert_eq!(std::fs::read(new.join("n")).unwrap(), b"someone else's");
+    }
+
+    #[test]
     fn copies_are_lf_and_sized() {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::new(4, Some(dir.path().to_path_buf()));
