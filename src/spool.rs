@@ -4,8 +4,13 @@
 //!
 //! The content is stored in canonical form: lines end in CRLF and dots are
 //! already unstuffed. Delivery converts line endings as it copies.
+//!
+//! Writing needs `&mut self` (one session fills it); once finished, a spool
+//! is read through `&self` with positional reads, so delivery can share it
+//! as `Arc<Spool>` with blocking threads.
 
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -13,9 +18,16 @@ use bytes::Bytes;
 /// The content of one message being received.
 #[derive(Debug)]
 pub struct Spool {
+    /// The content while it is small; empty once it moved to `file`.
     memory: Vec<u8>,
+    /// The unlinked file holding the content past `memory_limit`.
     file: Option<std::fs::File>,
     len: u64,
+    /// CRLF pairs in the content, counted as it is written, so delivery
+    /// knows the size of an LF copy (`len - crlf`) without reading it twice.
+    crlf: u64,
+    /// Whether the last byte written was CR, for a CRLF split across writes.
+    ends_in_cr: bool,
     /// Bytes kept in memory before moving to a file.
     memory_limit: usize,
     /// Directory for the file; None keeps everything in memory (the sink's
@@ -31,6 +43,8 @@ impl Spool {
             memory: Vec::new(),
             file: None,
             len: 0,
+            crlf: 0,
+            ends_in_cr: false,
             memory_limit,
             dir,
         }
@@ -44,6 +58,12 @@ impl Spool {
         self.len == 0
     }
 
+    /// How many CRLF pairs the content holds: converting every CRLF to LF
+    /// gives `len() - crlf_count()` bytes.
+    pub fn crlf_count(&self) -> u64 {
+        self.crlf
+    }
+
     /// Whether the content has moved to disk.
     pub fn on_disk(&self) -> bool {
         self.file.is_some()
@@ -54,18 +74,29 @@ impl Spool {
     /// `tokio::task::block_in_place` or accept the short stall, as the
     /// session does once per large message.
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.len += data.len() as u64;
-        if let Some(f) = &mut self.file {
-            return f.write_all(data);
+        if data.is_empty() {
+            return Ok(());
         }
-        self.memory.extend_from_slice(data);
-        if self.memory.len() > self.memory_limit {
-            if let Some(dir) = &self.dir {
-                let mut f = tempfile::tempfile_in(dir)?;
-                f.write_all(&self.memory)?;
-                self.memory = Vec::new();
-                self.file = Some(f);
-            }
+        match &mut self.file {
+            Some(f) => f.write_all(data)?,
+            None => self.memory.extend_from_slice(data),
+        }
+        // Counted once the bytes are stored, so the counters describe what
+        // is there even if moving to a file fails below.
+        self.len += data.len() as u64;
+        if self.ends_in_cr && data[0] == b'\n' {
+            self.crlf += 1;
+        }
+        self.crlf += data.windows(2).filter(|w| w == b"\r\n").count() as u64;
+        self.ends_in_cr = data[data.len() - 1] == b'\r';
+        if self.file.is_none()
+            && self.memory.len() > self.memory_limit
+            && let Some(dir) = &self.dir
+        {
+            let mut f = tempfile::tempfile_in(dir)?;
+            f.write_all(&self.memory)?;
+            self.memory = Vec::new();
+            self.file = Some(f);
         }
         Ok(())
     }
@@ -78,26 +109,68 @@ impl Spool {
     /// The content as shared bytes, reading it back if on disk. For the
     /// sink, whose spools never go to disk, this is a move.
     pub fn to_bytes(&mut self) -> io::Result<Bytes> {
-        match &mut self.file {
+        match &self.file {
             None => Ok(Bytes::from(std::mem::take(&mut self.memory))),
-            Some(f) => {
+            Some(_) => {
                 let mut buf = Vec::with_capacity(self.len as usize);
-                f.seek(SeekFrom::Start(0))?;
-                f.read_to_end(&mut buf)?;
+                self.reader().read_to_end(&mut buf)?;
                 Ok(Bytes::from(buf))
             }
         }
     }
 
-    /// A reader over the whole content from its start.
-    pub fn reader(&mut self) -> io::Result<Box<dyn Read + Send + '_>> {
-        match &mut self.file {
-            None => Ok(Box::new(self.memory.as_slice())),
-            Some(f) => {
-                f.seek(SeekFrom::Start(0))?;
-                Ok(Box::new(io::BufReader::with_capacity(64 * 1024, f)))
-            }
+    /// Reads content at `offset` into `buf`; returns how many bytes, 0 at
+    /// the end. Positional, so any number of readers may share the spool.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
         }
+        let want = buf
+            .len()
+            .min((self.len - offset).min(usize::MAX as u64) as usize);
+        match &self.file {
+            None => {
+                let start = offset as usize;
+                buf[..want].copy_from_slice(&self.memory[start..start + want]);
+                Ok(want)
+            }
+            Some(f) => loop {
+                match f.read_at(&mut buf[..want], offset) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Ok(0) if want > 0 => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "spool file shorter than its content",
+                        ));
+                    }
+                    r => return r,
+                }
+            },
+        }
+    }
+
+    /// A reader over the whole content from its start; independent of any
+    /// other reader.
+    pub fn reader(&self) -> SpoolReader<'_> {
+        SpoolReader {
+            spool: self,
+            pos: 0,
+        }
+    }
+}
+
+/// A [`Read`] over a spool's content, by positional reads.
+#[derive(Debug)]
+pub struct SpoolReader<'a> {
+    spool: &'a Spool,
+    pos: u64,
+}
+
+impl Read for SpoolReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.spool.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -114,7 +187,7 @@ mod tests {
         s.write(b" world\r\n").unwrap();
         assert!(s.on_disk());
         let mut out = String::new();
-        s.reader().unwrap().read_to_string(&mut out).unwrap();
+        s.reader().read_to_string(&mut out).unwrap();
         assert_eq!(out, "hello world\r\n");
         assert_eq!(s.len(), 13);
         // unlinked: nothing visible in the directory
@@ -127,5 +200,37 @@ mod tests {
         s.write(b"0123456789").unwrap();
         assert!(!s.on_disk());
         assert_eq!(&s.to_bytes().unwrap()[..], b"0123456789");
+    }
+
+    #[test]
+    fn shared_readers_read_independently_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::new(2, Some(dir.path().to_path_buf()));
+        s.write(b"abcdef").unwrap();
+        let s = std::sync::Arc::new(s);
+        let mut a = s.reader();
+        let mut one = [0u8; 2];
+        a.read_exact(&mut one).unwrap();
+        let mut all = Vec::new();
+        s.reader().read_to_end(&mut all).unwrap();
+        let mut rest = Vec::new();
+        a.read_to_end(&mut rest).unwrap();
+        assert_eq!(
+            (&one[..], &all[..], &rest[..]),
+            (&b"ab"[..], &b"abcdef"[..], &b"cdef"[..])
+        );
+        let mut buf = [0u8; 8];
+        assert_eq!(s.read_at(&mut buf, 4).unwrap(), 2);
+        assert_eq!(s.read_at(&mut buf, 6).unwrap(), 0);
+    }
+
+    #[test]
+    fn counts_crlf_pairs_across_writes() {
+        let mut s = Spool::new(1 << 20, None);
+        for chunk in [&b"a\r"[..], b"\nb\rc\n\r", b"\n", b"\r\n\r\n", b"\r"] {
+            s.write(chunk).unwrap();
+        }
+        // "a\r\nb\rc\n\r\n\r\n\r\n\r": CRLF at 1, 6, 8, 10; lone CR at 3 and at the end.
+        assert_eq!(s.crlf_count(), 4);
     }
 }
