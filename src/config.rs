@@ -22,7 +22,10 @@ pub const DEFAULT_PATHS: [&str; 2] = ["letterbox.toml", "/etc/letterbox/letterbo
 pub enum ConfigError {
     /// `--config` named a file that does not exist or cannot be read.
     #[error("config file {path}: {source}")]
-    Unreadable { path: PathBuf, source: std::io::Error },
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A key is unknown, has the wrong type, or a value does not parse;
     /// figment's message names the key and where it came from.
     #[error("{0}")]
@@ -293,7 +296,10 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Inconsistent(m));
         if self.hostname.is_empty() || !self.hostname.bytes().all(|b| b.is_ascii_graphic()) {
-            return bad(format!("hostname {:?} must be a non-empty name without spaces", self.hostname));
+            return bad(format!(
+                "hostname {:?} must be a non-empty name without spaces",
+                self.hostname
+            ));
         }
         if self.smtp.listen.is_empty() {
             return bad("smtp.listen must name at least one address".into());

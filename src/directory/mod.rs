@@ -13,10 +13,10 @@ mod resolve;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 pub use admin::{AliasRow, DomainRow, SinkRuleRow, UserRow};
 pub use resolve::{Mailbox, Route};
@@ -31,7 +31,9 @@ static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/my
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     /// The URL's scheme is none of sqlite, postgres, mysql, mariadb.
-    #[error("database url {0:?}: unsupported scheme (use sqlite://, postgres://, mysql:// or mariadb://)")]
+    #[error(
+        "database url {0:?}: unsupported scheme (use sqlite://, postgres://, mysql:// or mariadb://)"
+    )]
     UnsupportedUrl(String),
     /// The database could not be reached or opened.
     #[error("cannot connect to {url}: {source}")]
@@ -99,7 +101,11 @@ pub struct Directory {
 
 impl Directory {
     /// Opens a pool on `url`; a SQLite file is created if missing.
-    pub async fn connect(url: &str, max_connections: u32, cache_ttl: Duration) -> Result<Directory> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        cache_ttl: Duration,
+    ) -> Result<Directory> {
         let connect_err = |source| DirectoryError::Connect {
             url: redact(url),
             source,
@@ -187,7 +193,10 @@ impl Directory {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(DirectoryError::NotMigrated(format!("pending: {}", missing.join(", "))))
+            Err(DirectoryError::NotMigrated(format!(
+                "pending: {}",
+                missing.join(", ")
+            )))
         }
     }
 
@@ -238,7 +247,11 @@ pub fn redact(url: &str) -> String {
         Some(at) => {
             let userinfo = &rest[..at];
             let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or(userinfo);
-            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
             format!("{scheme}://{masked}{}", &rest[at..])
         }
         None => url.to_string(),
@@ -260,7 +273,10 @@ mod tests {
         assert_eq!(backend_of("postgres://u@h/db").unwrap(), Backend::Postgres);
         assert_eq!(backend_of("mariadb://root@h/db").unwrap(), Backend::MySql);
         assert!(backend_of("redis://h").is_err());
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://a.db"), "sqlite://a.db");
     }
