@@ -90,15 +90,23 @@ impl Directory {
         }
         // Deleted explicitly rather than by ON DELETE CASCADE, which SQLite
         // only honours with foreign keys switched on.
+        // Alias destinations in other domains that pointed at its mailboxes
+        // go too, as `user remove` does: left behind, they would silently
+        // reach whoever reuses the name later. Domain names hold no LIKE
+        // wildcards (`%`, `_`), so the pattern matches literally.
         let stmts = [
-            "DELETE FROM aliases WHERE domain = ?",
-            "DELETE FROM users WHERE domain = ?",
-            "DELETE FROM domains WHERE name = ?",
+            ("DELETE FROM aliases WHERE domain = ?", name.clone()),
+            (
+                "DELETE FROM aliases WHERE destination LIKE ?",
+                format!("%@{name}"),
+            ),
+            ("DELETE FROM users WHERE domain = ?", name.clone()),
+            ("DELETE FROM domains WHERE name = ?", name.clone()),
         ];
         on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
-            for s in stmts {
-                sqlx::query(self.sql(s)).bind(&name).execute(&mut *tx).await?;
+            for (s, value) in &stmts {
+                sqlx::query(self.sql(s)).bind(value).execute(&mut *tx).await?;
             }
             tx.commit().await
         })?;
@@ -355,13 +363,16 @@ impl Directory {
             }
         }
         let sql = self.sql("INSERT INTO aliases (domain, source, destination) VALUES (?, ?, ?)");
-        let r = on_pool!(&self.pool, p => {
+        // The async block keeps `?` inside it: a duplicate must reach the
+        // match below as a sqlx error, not leave this function as a bare
+        // query error (and the dropped transaction rolls back).
+        let r = on_pool!(&self.pool, p => async {
             let mut tx = p.begin().await?;
             for d in &dests {
                 sqlx::query(sql.clone()).bind(&domain).bind(&source).bind(d).execute(&mut *tx).await?;
             }
             tx.commit().await
-        });
+        }.await);
         match r {
             Err(e) if is_unique_violation(&e) => Err(DirectoryError::Exists(format!(
                 "alias {source} already has one of those destinations"
