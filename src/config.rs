@@ -259,6 +259,15 @@ impl Default for LogConfig {
     }
 }
 
+/// The `LETTERBOX_…` variables, `__` separating levels. `LETTERBOX_TEST_…`
+/// is left to the test suites (`LETTERBOX_TEST_POSTGRES`, `…_MYSQL`): a
+/// developer who exports them must still be able to run the binary.
+fn env() -> Env {
+    Env::prefixed("LETTERBOX_")
+        .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
+        .split("__")
+}
+
 fn default_hostname() -> String {
     gethostname::gethostname()
         .into_string()
@@ -287,7 +296,7 @@ impl Config {
         if let Some(path) = &file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        let figment = figment.merge(Env::prefixed("LETTERBOX_").split("__"));
+        let figment = figment.merge(env());
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok((config, file))

@@ -128,6 +128,7 @@ impl Directory {
             }
             Backend::Postgres => {
                 let opts = PgConnectOptions::from_str(url).map_err(connect_err)?;
+                probe(&opts).await.map_err(connect_err)?;
                 let pool = PgPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(acquire)
@@ -139,6 +140,7 @@ impl Directory {
             Backend::MySql => {
                 let url = url.replacen("mariadb://", "mysql://", 1);
                 let opts = MySqlConnectOptions::from_str(&url).map_err(connect_err)?;
+                probe(&opts).await.map_err(connect_err)?;
                 let pool = MySqlPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(acquire)
@@ -224,6 +226,20 @@ impl Directory {
         }
         AssertSqlSafe(out).into_sql_str()
     }
+}
+
+/// Opens and closes one connection. A pool retries a refused or failing
+/// connection until its acquire timeout and then reports only "pool timed
+/// out", hiding the cause ("connection refused", a wrong password) from
+/// `letterbox check` and every admin command; one direct attempt fails fast
+/// and says why.
+async fn probe<O>(opts: &O) -> Result<(), sqlx::Error>
+where
+    O: sqlx::ConnectOptions,
+    O::Connection: Sized,
+{
+    use sqlx::Connection;
+    opts.connect().await?.close().await
 }
 
 /// Which backend a URL names.
