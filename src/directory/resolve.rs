@@ -41,13 +41,18 @@ pub enum Route {
     NotServed,
 }
 
+/// A cached value and when it was fetched.
+type Stamped<T> = (Instant, T);
+/// Sink rules as (normalized pattern, TTL).
+type SinkRules = Vec<(String, Duration)>;
+
 /// The lookup cache; `ttl` zero disables it.
 #[derive(Debug, Clone)]
 pub(super) struct Cache {
     ttl: Duration,
-    routes: Arc<Mutex<HashMap<String, (Instant, Arc<Route>)>>>,
+    routes: Arc<Mutex<HashMap<String, Stamped<Arc<Route>>>>>,
     /// Sink rules from the database, loaded as a whole.
-    rules: Arc<Mutex<Option<(Instant, Arc<Vec<(String, Duration)>>)>>>,
+    rules: Arc<Mutex<Option<Stamped<Arc<SinkRules>>>>>,
 }
 
 impl Cache {
@@ -207,10 +212,10 @@ impl Directory {
     }
 
     async fn sink_rules_cached(&self) -> Result<Arc<Vec<(String, Duration)>>> {
-        if let Some((t, rules)) = self.cache.rules.lock().unwrap().as_ref() {
-            if t.elapsed() < self.cache.ttl {
-                return Ok(rules.clone());
-            }
+        if let Some((t, rules)) = self.cache.rules.lock().unwrap().as_ref()
+            && t.elapsed() < self.cache.ttl
+        {
+            return Ok(rules.clone());
         }
         let sql =
             "SELECT pattern, ttl_seconds FROM sink_rules WHERE active = TRUE ORDER BY pattern";
