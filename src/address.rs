@@ -136,7 +136,8 @@ pub fn domain_name(input: &str) -> Result<String, AddressError> {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
     if !ascii.split('.').all(label_ok) {
         return Err(bad());
@@ -158,7 +159,11 @@ pub fn local_part(input: &str, delimiter: Option<char>) -> Result<String, Addres
     if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
         return Err(AddressError::LocalDots(input.into()));
     }
-    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-=?^_`{|}~.".contains(c) || (!c.is_ascii() && !c.is_control() && !c.is_whitespace());
+    let atext = |c: char| {
+        c.is_ascii_alphanumeric()
+            || "!#$%&'*+-=?^_`{|}~.".contains(c)
+            || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+    };
     if let Some(c) = local.chars().find(|&c| !atext(c) || Some(c) == delimiter) {
         return Err(AddressError::LocalChar(input.into(), c));
     }
@@ -177,7 +182,11 @@ pub fn sink_pattern(input: &str) -> Result<String, AddressError> {
 /// Whether `domain` (normalized) is covered by a normalized sink pattern.
 pub fn sink_pattern_matches(pattern: &str, domain: &str) -> bool {
     match pattern.strip_prefix("*.") {
-        Some(base) => domain.len() > base.len() + 1 && domain.ends_with(base) && domain.as_bytes()[domain.len() - base.len() - 1] == b'.',
+        Some(base) => {
+            domain.len() > base.len() + 1
+                && domain.ends_with(base)
+                && domain.as_bytes()[domain.len() - base.len() - 1] == b'.'
+        }
         None => pattern == domain,
     }
 }
@@ -189,12 +198,29 @@ mod tests {
     #[test]
     fn domains_are_lowercased_and_idna_encoded() {
         assert_eq!(domain_name("Example.ORG").unwrap(), "example.org");
-        assert_eq!(domain_name("bücher.example").unwrap(), "xn--bcher-kva.example");
+        assert_eq!(
+            domain_name("bücher.example").unwrap(),
+            "xn--bcher-kva.example"
+        );
         assert_eq!(domain_name("example.org.").unwrap(), "example.org");
-        for bad in ["", ".", "a..b", "-a.org", "a-.org", "[127.0.0.1]", "a b.org", "a_b.org", "a/b.org", "x\0.org"] {
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "-a.org",
+            "a-.org",
+            "[127.0.0.1]",
+            "a b.org",
+            "a_b.org",
+            "a/b.org",
+            "x\0.org",
+        ] {
             assert!(domain_name(bad).is_err(), "{bad:?}");
         }
-        assert!(matches!(domain_name(&format!("{}.org", "a.".repeat(130))), Err(AddressError::DomainTooLong(_))));
+        assert!(matches!(
+            domain_name(&format!("{}.org", "a.".repeat(130))),
+            Err(AddressError::DomainTooLong(_))
+        ));
     }
 
     #[test]
@@ -203,11 +229,17 @@ mod tests {
         assert_eq!(local_part("Alice", d).unwrap(), "alice");
         assert_eq!(local_part("first.last", d).unwrap(), "first.last");
         assert_eq!(local_part("jörg", d).unwrap(), "jörg");
-        for bad in ["", "../x", "a/b", "..", ".hidden", "a..b", "trail.", "a\0b", "a\nb", "a b", "a@b", "a+b", "a\\b", "\"q\""] {
+        for bad in [
+            "", "../x", "a/b", "..", ".hidden", "a..b", "trail.", "a\0b", "a\nb", "a b", "a@b",
+            "a+b", "a\\b", "\"q\"",
+        ] {
             assert!(local_part(bad, d).is_err(), "{bad:?}");
         }
         assert!(local_part("a+b", None).is_ok());
-        assert!(matches!(local_part(&"a".repeat(65), d), Err(AddressError::LocalTooLong(_))));
+        assert!(matches!(
+            local_part(&"a".repeat(65), d),
+            Err(AddressError::LocalTooLong(_))
+        ));
     }
 
     #[test]
@@ -216,14 +248,24 @@ mod tests {
         assert_eq!(a.to_string(), "alice@example.org");
         assert!(Address::parse("noat", None).is_err());
         assert!(Address::parse("a@", None).is_err());
-        let long = format!("{}@{}.org", "a".repeat(64), "b".repeat(60) + &".c".repeat(90));
-        assert!(matches!(Address::parse(&long, None), Err(AddressError::AddressTooLong(_))));
+        let long = format!(
+            "{}@{}.org",
+            "a".repeat(64),
+            "b".repeat(60) + &".c".repeat(90)
+        );
+        assert!(matches!(
+            Address::parse(&long, None),
+            Err(AddressError::AddressTooLong(_))
+        ));
     }
 
     #[test]
     fn smtp_addresses_split_at_the_last_at() {
         let a = Address::from_smtp("a@b@Example.org").unwrap();
-        assert_eq!((a.local.as_str(), a.domain.as_str()), ("a@b", "example.org"));
+        assert_eq!(
+            (a.local.as_str(), a.domain.as_str()),
+            ("a@b", "example.org")
+        );
         assert!(Address::from_smtp("x@[127.0.0.1]").is_err());
         assert!(Address::from_smtp("@example.org").is_err());
     }
@@ -241,7 +283,10 @@ mod tests {
 
     #[test]
     fn sink_patterns() {
-        assert_eq!(sink_pattern("*.TMP.example.org").unwrap(), "*.tmp.example.org");
+        assert_eq!(
+            sink_pattern("*.TMP.example.org").unwrap(),
+            "*.tmp.example.org"
+        );
         assert!(sink_pattern("*.").is_err());
         assert!(sink_pattern("a.*.org").is_err());
         let p = "*.tmp.example.org";
@@ -250,6 +295,9 @@ mod tests {
         assert!(!sink_pattern_matches(p, "tmp.example.org"));
         assert!(!sink_pattern_matches(p, "xtmp.example.org"));
         assert!(sink_pattern_matches("tmp.example.org", "tmp.example.org"));
-        assert!(!sink_pattern_matches("tmp.example.org", "x.tmp.example.org"));
+        assert!(!sink_pattern_matches(
+            "tmp.example.org",
+            "x.tmp.example.org"
+        ));
     }
 }

@@ -22,7 +22,10 @@ pub const DEFAULT_PATHS: [&str; 2] = ["letterbox.toml", "/etc/letterbox/letterbo
 pub enum ConfigError {
     /// `--config` named a file that does not exist or cannot be read.
     #[error("config file {path}: {source}")]
-    Unreadable { path: PathBuf, source: std::io::Error },
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A key is unknown, has the wrong type, or a value does not parse;
     /// figment's message names the key and where it came from.
     #[error("{0}")]
@@ -261,6 +264,15 @@ impl Default for LogConfig {
     }
 }
 
+/// The `LETTERBOX_…` variables, `__` separating levels. `LETTERBOX_TEST_…`
+/// is left to the test suites (`LETTERBOX_TEST_POSTGRES`, `…_MYSQL`): a
+/// developer who exports them must still be able to run the binary.
+fn env() -> Env {
+    Env::prefixed("LETTERBOX_")
+        .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
+        .split("__")
+}
+
 fn default_hostname() -> String {
     gethostname::gethostname()
         .into_string()
@@ -289,7 +301,7 @@ impl Config {
         if let Some(path) = &file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        let figment = figment.merge(Env::prefixed("LETTERBOX_").split("__"));
+        let figment = figment.merge(env());
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok((config, file))
@@ -298,7 +310,10 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Inconsistent(m));
         if self.hostname.is_empty() || !self.hostname.bytes().all(|b| b.is_ascii_graphic()) {
-            return bad(format!("hostname {:?} must be a non-empty name without spaces", self.hostname));
+            return bad(format!(
+                "hostname {:?} must be a non-empty name without spaces",
+                self.hostname
+            ));
         }
         if self.smtp.listen.is_empty() {
             return bad("smtp.listen must name at least one address".into());

@@ -64,7 +64,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let h = hash("correct horse").unwrap();
-        assert!(h.starts_with("{ARGON2ID}$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert!(
+            h.starts_with("{ARGON2ID}$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{h}"
+        );
         assert!(verify(&h, "correct horse"));
         assert!(!verify(&h, "wrong"));
         assert!(matches!(hash(""), Err(PasswordError::Empty)));

@@ -41,10 +41,13 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         why: e.to_string(),
     })?;
     let provider = Arc::new(ring::default_provider());
-    let signing = provider.key_provider.load_private_key(key_der.clone_key()).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        why: e.to_string(),
-    })?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key_der.clone_key())
+        .map_err(|e| TlsError::Key {
+            path: key.to_path_buf(),
+            why: e.to_string(),
+        })?;
     let certified = CertifiedKey::new(certs.clone(), signing);
     if certified.keys_match().is_err() {
         return Err(TlsError::Mismatch {

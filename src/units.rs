@@ -49,7 +49,8 @@ impl FromStr for Duration {
             input: s.to_string(),
             why,
         };
-        let (digits, unit) = split_number(s.trim()).ok_or_else(|| err("expected a number followed by s, m, h or d"))?;
+        let (digits, unit) = split_number(s.trim())
+            .ok_or_else(|| err("expected a number followed by s, m, h or d"))?;
         let n: u64 = digits.parse().map_err(|_| err("number out of range"))?;
         let scale = match unit {
             "" | "s" => 1,
@@ -58,7 +59,9 @@ impl FromStr for Duration {
             "d" => 86400,
             _ => return Err(err("unit must be s, m, h or d")),
         };
-        let secs = n.checked_mul(scale).ok_or_else(|| err("number out of range"))?;
+        let secs = n
+            .checked_mul(scale)
+            .ok_or_else(|| err("number out of range"))?;
         Ok(Duration::from_secs(secs))
     }
 }
@@ -68,9 +71,9 @@ impl fmt::Display for Duration {
         let s = self.0.as_secs();
         match s {
             0 => write!(f, "0s"),
-            _ if s % 86400 == 0 => write!(f, "{}d", s / 86400),
-            _ if s % 3600 == 0 => write!(f, "{}h", s / 3600),
-            _ if s % 60 == 0 => write!(f, "{}m", s / 60),
+            _ if s.is_multiple_of(86400) => write!(f, "{}d", s / 86400),
+            _ if s.is_multiple_of(3600) => write!(f, "{}h", s / 3600),
+            _ if s.is_multiple_of(60) => write!(f, "{}m", s / 60),
             _ => write!(f, "{s}s"),
         }
     }
@@ -90,8 +93,8 @@ impl FromStr for ByteSize {
             input: s.to_string(),
             why,
         };
-        let (digits, unit) =
-            split_number(s.trim()).ok_or_else(|| err("expected a number optionally followed by K, M, G or T"))?;
+        let (digits, unit) = split_number(s.trim())
+            .ok_or_else(|| err("expected a number optionally followed by K, M, G or T"))?;
         let n: u64 = digits.parse().map_err(|_| err("number out of range"))?;
         let scale: u64 = match unit {
             "" | "B" | "b" => 1,
@@ -101,7 +104,9 @@ impl FromStr for ByteSize {
             "T" | "t" | "TiB" => 1 << 40,
             _ => return Err(err("unit must be K, M, G or T")),
         };
-        n.checked_mul(scale).map(ByteSize).ok_or_else(|| err("number out of range"))
+        n.checked_mul(scale)
+            .map(ByteSize)
+            .ok_or_else(|| err("number out of range"))
     }
 }
 
@@ -109,7 +114,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
-            if b != 0 && b % (1u64 << shift) == 0 {
+            if b != 0 && b.is_multiple_of(1u64 << shift) {
                 return write!(f, "{}{unit}", b >> shift);
             }
         }
@@ -168,10 +173,29 @@ mod tests {
 
     #[test]
     fn durations() {
-        for (input, secs) in [("30s", 30), ("10m", 600), ("1h", 3600), ("2d", 172800), ("45", 45), ("0s", 0)] {
-            assert_eq!(input.parse::<Duration>().unwrap().as_secs(), secs, "{input}");
+        for (input, secs) in [
+            ("30s", 30),
+            ("10m", 600),
+            ("1h", 3600),
+            ("2d", 172800),
+            ("45", 45),
+            ("0s", 0),
+        ] {
+            assert_eq!(
+                input.parse::<Duration>().unwrap().as_secs(),
+                secs,
+                "{input}"
+            );
         }
-        for bad in ["", "h", "1w", "1.5h", "-1s", "1 h h", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "h",
+            "1w",
+            "1.5h",
+            "-1s",
+            "1 h h",
+            "99999999999999999999s",
+        ] {
             assert!(bad.parse::<Duration>().is_err(), "{bad}");
         }
         assert_eq!(Duration::from_secs(7200).to_string(), "2h");
@@ -180,7 +204,13 @@ mod tests {
 
     #[test]
     fn sizes() {
-        for (input, bytes) in [("500M", 500 << 20), ("2G", 2 << 30), ("1024", 1024), ("0", 0), ("64K", 65536)] {
+        for (input, bytes) in [
+            ("500M", 500 << 20),
+            ("2G", 2 << 30),
+            ("1024", 1024),
+            ("0", 0),
+            ("64K", 65536),
+        ] {
             assert_eq!(input.parse::<ByteSize>().unwrap().0, bytes, "{input}");
         }
         for bad in ["", "M", "1X", "1.5G", "-5"] {

@@ -25,7 +25,10 @@ pub async fn run(config: &Config, file: Option<&Path>) -> anyhow::Result<()> {
     let url = redact(&config.database.url);
     let db = match Directory::connect(&config.database.url, 1, std::time::Duration::ZERO).await {
         Ok(dir) => {
-            let r = dir.check_migrated().await.map(|_| format!("{url} reachable and migrated"));
+            let r = dir
+                .check_migrated()
+                .await
+                .map(|_| format!("{url} reachable and migrated"));
             dir.close().await;
             r.map_err(|e| e.to_string())
         }
@@ -35,7 +38,13 @@ pub async fn run(config: &Config, file: Option<&Path>) -> anyhow::Result<()> {
     report(check_root_writable(&config.maildir.root), "maildir root");
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => crate::tls::server_config(cert, key)
-            .map(|_| format!("{} and {} readable and matching", cert.display(), key.display()))
+            .map(|_| {
+                format!(
+                    "{} and {} readable and matching",
+                    cert.display(),
+                    key.display()
+                )
+            })
             .map_err(|e| e.to_string()),
         _ => Ok("not configured; STARTTLS will not be offered".into()),
     };

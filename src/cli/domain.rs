@@ -9,7 +9,13 @@ pub async fn run(dir: &Directory, cmd: DomainCmd) -> anyhow::Result<()> {
         DomainCmd::List { fmt } => {
             let rows = dir.domain_list().await?;
             print_rows(&rows, fmt.json, |d| {
-                format!("{}\t{}\t{} users\t{} aliases", d.name, active_word(d.active), d.users, d.aliases)
+                format!(
+                    "{}\t{}\t{} users\t{} aliases",
+                    d.name,
+                    active_word(d.active),
+                    d.users,
+                    d.aliases
+                )
             })?;
         }
         DomainCmd::Remove { name, force } => {
@@ -19,8 +25,14 @@ pub async fn run(dir: &Directory, cmd: DomainCmd) -> anyhow::Result<()> {
                 d.name, d.users, d.aliases
             );
         }
-        DomainCmd::Enable { name } => println!("enabled domain {}", dir.domain_set_active(&name, true).await?),
-        DomainCmd::Disable { name } => println!("disabled domain {}", dir.domain_set_active(&name, false).await?),
+        DomainCmd::Enable { name } => println!(
+            "enabled domain {}",
+            dir.domain_set_active(&name, true).await?
+        ),
+        DomainCmd::Disable { name } => println!(
+            "disabled domain {}",
+            dir.domain_set_active(&name, false).await?
+        ),
     }
     Ok(())
 }

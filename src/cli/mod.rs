@@ -134,7 +134,10 @@ pub enum AliasCmd {
         fmt: ListFmt,
     },
     /// Remove an alias, or one destination of it.
-    Remove { source: String, destination: Option<String> },
+    Remove {
+        source: String,
+        destination: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,7 +167,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             let dir = open(&config).await?;
             dir.migrate().await?;
-            println!("database {} is migrated", crate::directory::redact(&config.database.url));
+            println!(
+                "database {} is migrated",
+                crate::directory::redact(&config.database.url)
+            );
             Ok(())
         }
         Command::Domain(cmd) => domain::run(&open_migrated(&config).await?, cmd).await,
@@ -184,13 +190,19 @@ async fn open(config: &Config) -> anyhow::Result<Directory> {
 async fn open_migrated(config: &Config) -> anyhow::Result<Directory> {
     let dir = open(config).await?;
     if dir.check_migrated().await.is_err() {
-        dir.migrate().await.context("the database needed migrating")?;
+        dir.migrate()
+            .await
+            .context("the database needed migrating")?;
     }
     Ok(dir)
 }
 
 /// Prints rows as JSON or as tab-separated lines.
-fn print_rows<T: serde::Serialize>(rows: &[T], json: bool, line: impl Fn(&T) -> String) -> anyhow::Result<()> {
+fn print_rows<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    line: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(rows)?);
     } else {

@@ -19,7 +19,9 @@ pub async fn run(dir: &Directory, config: &Config, cmd: SinkCmd) -> anyhow::Resu
                 format!("{}\t{}\tttl {ttl}", r.pattern, active_word(r.active))
             })?;
         }
-        SinkCmd::Remove { pattern } => println!("removed sink rule {}", dir.sink_remove(&pattern).await?),
+        SinkCmd::Remove { pattern } => {
+            println!("removed sink rule {}", dir.sink_remove(&pattern).await?)
+        }
     }
     Ok(())
 }

@@ -13,22 +13,44 @@ use crate::units::ByteSize;
 pub async fn run(dir: &Directory, config: &Config, cmd: UserCmd) -> anyhow::Result<()> {
     let delim = config.subaddress_delimiter();
     match cmd {
-        UserCmd::Add { address, password, quota } => {
+        UserCmd::Add {
+            address,
+            password,
+            quota,
+        } => {
             let hash = if password.password_stdin {
                 Some(hash_blocking(read_stdin_password()?).await?)
             } else {
                 None
             };
-            let addr = dir.user_add(&address, delim, hash.as_deref(), quota.0).await?;
-            let kind = if hash.is_some() { "" } else { " (receive-only: no password)" };
+            let addr = dir
+                .user_add(&address, delim, hash.as_deref(), quota.0)
+                .await?;
+            let kind = if hash.is_some() {
+                ""
+            } else {
+                " (receive-only: no password)"
+            };
             println!("added user {addr}{kind}");
         }
         UserCmd::List { domain, fmt } => {
             let rows = dir.user_list(domain.as_deref()).await?;
             print_rows(&rows, fmt.json, |u| {
-                let quota = if u.quota == 0 { "unlimited".into() } else { ByteSize(u.quota as u64).to_string() };
-                let login = if u.receive_only { "receive-only" } else { "login" };
-                format!("{}\t{}\t{login}\tquota {quota}", u.address, active_word(u.active))
+                let quota = if u.quota == 0 {
+                    "unlimited".into()
+                } else {
+                    ByteSize(u.quota as u64).to_string()
+                };
+                let login = if u.receive_only {
+                    "receive-only"
+                } else {
+                    "login"
+                };
+                format!(
+                    "{}\t{}\t{login}\tquota {quota}",
+                    u.address,
+                    active_word(u.active)
+                )
             })?;
         }
         UserCmd::Remove { address } => {
@@ -40,15 +62,32 @@ pub async fn run(dir: &Directory, config: &Config, cmd: UserCmd) -> anyhow::Resu
             }
         }
         UserCmd::Passwd { address, password } => {
-            let plain = if password.password_stdin { read_stdin_password()? } else { prompt_password()? };
+            let plain = if password.password_stdin {
+                read_stdin_password()?
+            } else {
+                prompt_password()?
+            };
             let hash = hash_blocking(plain).await?;
-            println!("password of {} changed", dir.user_set_password(&address, delim, &hash).await?);
+            println!(
+                "password of {} changed",
+                dir.user_set_password(&address, delim, &hash).await?
+            );
         }
-        UserCmd::Enable { address } => println!("enabled user {}", dir.user_set_active(&address, delim, true).await?),
-        UserCmd::Disable { address } => println!("disabled user {}", dir.user_set_active(&address, delim, false).await?),
+        UserCmd::Enable { address } => println!(
+            "enabled user {}",
+            dir.user_set_active(&address, delim, true).await?
+        ),
+        UserCmd::Disable { address } => println!(
+            "disabled user {}",
+            dir.user_set_active(&address, delim, false).await?
+        ),
         UserCmd::Quota { address, size } => {
             let addr = dir.user_set_quota(&address, delim, size.0).await?;
-            let shown = if size.0 == 0 { "unlimited".into() } else { size.to_string() };
+            let shown = if size.0 == 0 {
+                "unlimited".into()
+            } else {
+                size.to_string()
+            };
             println!("quota of {addr} set to {shown}");
         }
     }
@@ -62,7 +101,10 @@ async fn hash_blocking(plain: String) -> anyhow::Result<String> {
 
 fn read_stdin_password() -> anyhow::Result<String> {
     let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
     let pw = line.strip_suffix('\n').unwrap_or(&line);
     let pw = pw.strip_suffix('\r').unwrap_or(pw);
     if pw.is_empty() {
@@ -73,7 +115,9 @@ fn read_stdin_password() -> anyhow::Result<String> {
 
 fn prompt_password() -> anyhow::Result<String> {
     if !std::io::stdin().is_terminal() {
-        bail!("standard input is not a terminal; pass --password-stdin to read the password from it");
+        bail!(
+            "standard input is not a terminal; pass --password-stdin to read the password from it"
+        );
     }
     let first = rpassword::prompt_password("New password: ")?;
     let second = rpassword::prompt_password("Repeat password: ")?;

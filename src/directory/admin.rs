@@ -47,7 +47,9 @@ impl Directory {
         let sql = self.sql("INSERT INTO domains (name) VALUES (?)");
         let r = on_pool!(&self.pool, p => sqlx::query(sql).bind(&name).execute(p).await.map(|r| r.rows_affected()));
         match r {
-            Err(e) if is_unique_violation(&e) => Err(DirectoryError::Exists(format!("domain {name} exists already"))),
+            Err(e) if is_unique_violation(&e) => Err(DirectoryError::Exists(format!(
+                "domain {name} exists already"
+            ))),
             r => Ok(r.map(|_| name)?),
         }
     }
@@ -57,10 +59,16 @@ impl Directory {
                    (SELECT COUNT(*) FROM users u WHERE u.domain = d.name), \
                    (SELECT COUNT(DISTINCT a.source) FROM aliases a WHERE a.domain = d.name) \
                    FROM domains d ORDER BY d.name";
-        let rows: Vec<(String, bool, i64, i64)> = on_pool!(&self.pool, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        let rows: Vec<(String, bool, i64, i64)> =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).fetch_all(p).await)?;
         Ok(rows
             .into_iter()
-            .map(|(name, active, users, aliases)| DomainRow { name, active, users, aliases })
+            .map(|(name, active, users, aliases)| DomainRow {
+                name,
+                active,
+                users,
+                aliases,
+            })
             .collect())
     }
 
@@ -82,15 +90,23 @@ impl Directory {
         }
         // Deleted explicitly rather than by ON DELETE CASCADE, which SQLite
         // only honours with foreign keys switched on.
+        // Alias destinations in other domains that pointed at its mailboxes
+        // go too, as `user remove` does: left behind, they would silently
+        // reach whoever reuses the name later. Domain names hold no LIKE
+        // wildcards (`%`, `_`), so the pattern matches literally.
         let stmts = [
-            "DELETE FROM aliases WHERE domain = ?",
-            "DELETE FROM users WHERE domain = ?",
-            "DELETE FROM domains WHERE name = ?",
+            ("DELETE FROM aliases WHERE domain = ?", name.clone()),
+            (
+                "DELETE FROM aliases WHERE destination LIKE ?",
+                format!("%@{name}"),
+            ),
+            ("DELETE FROM users WHERE domain = ?", name.clone()),
+            ("DELETE FROM domains WHERE name = ?", name.clone()),
         ];
         on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
-            for s in stmts {
-                sqlx::query(self.sql(s)).bind(&name).execute(&mut *tx).await?;
+            for (s, value) in &stmts {
+                sqlx::query(self.sql(s)).bind(value).execute(&mut *tx).await?;
             }
             tx.commit().await
         })?;
@@ -100,10 +116,13 @@ impl Directory {
 
     pub async fn domain_set_active(&self, name: &str, active: bool) -> Result<String> {
         let name = address::domain_name(name)?;
-        let sql = self.sql("UPDATE domains SET active = ?, updated_at = CURRENT_TIMESTAMP WHERE name = ?");
+        let sql = self
+            .sql("UPDATE domains SET active = ?, updated_at = CURRENT_TIMESTAMP WHERE name = ?");
         let n = on_pool!(&self.pool, p => sqlx::query(sql).bind(active).bind(&name).execute(p).await?.rows_affected());
         if n == 0 {
-            return Err(DirectoryError::NotFound(format!("domain {name} does not exist")));
+            return Err(DirectoryError::NotFound(format!(
+                "domain {name} does not exist"
+            )));
         }
         self.cache.clear();
         Ok(name)
@@ -111,7 +130,8 @@ impl Directory {
 
     async fn require_domain(&self, name: &str) -> Result<()> {
         let sql = self.sql("SELECT COUNT(*) FROM domains WHERE name = ?");
-        let (n,): (i64,) = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(name).fetch_one(p).await)?;
+        let (n,): (i64,) =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(name).fetch_one(p).await)?;
         if n == 0 {
             return Err(DirectoryError::NotFound(format!(
                 "domain {name} is not served; add it first with `letterbox domain add {name}`"
@@ -123,19 +143,31 @@ impl Directory {
     // ---- users ----
 
     /// Adds a mailbox; `password_hash` is None for a receive-only one.
-    pub async fn user_add(&self, addr: &str, delimiter: Option<char>, password_hash: Option<&str>, quota: u64) -> Result<Address> {
+    pub async fn user_add(
+        &self,
+        addr: &str,
+        delimiter: Option<char>,
+        password_hash: Option<&str>,
+        quota: u64,
+    ) -> Result<Address> {
         let addr = Address::parse(addr, delimiter)?;
         self.require_domain(&addr.domain).await?;
         if self.alias_exists(&addr.to_string()).await? {
-            return Err(DirectoryError::Conflict(format!("{addr} is an alias; remove the alias first")));
+            return Err(DirectoryError::Conflict(format!(
+                "{addr} is an alias; remove the alias first"
+            )));
         }
-        let sql = self.sql("INSERT INTO users (domain, local_part, password, quota) VALUES (?, ?, ?, ?)");
-        let quota = i64::try_from(quota).map_err(|_| DirectoryError::Conflict("quota is too large".into()))?;
+        let sql =
+            self.sql("INSERT INTO users (domain, local_part, password, quota) VALUES (?, ?, ?, ?)");
+        let quota = i64::try_from(quota)
+            .map_err(|_| DirectoryError::Conflict("quota is too large".into()))?;
         let r = on_pool!(&self.pool, p => {
             sqlx::query(sql).bind(&addr.domain).bind(&addr.local).bind(password_hash).bind(quota).execute(p).await.map(|r| r.rows_affected())
         });
         match r {
-            Err(e) if is_unique_violation(&e) => Err(DirectoryError::Exists(format!("user {addr} exists already"))),
+            Err(e) if is_unique_violation(&e) => Err(DirectoryError::Exists(format!(
+                "user {addr} exists already"
+            ))),
             r => {
                 r?;
                 self.cache.clear();
@@ -183,13 +215,21 @@ impl Directory {
             Ok::<_, sqlx::Error>((users, aliases))
         })?;
         if users == 0 {
-            return Err(DirectoryError::NotFound(format!("user {addr} does not exist")));
+            return Err(DirectoryError::NotFound(format!(
+                "user {addr} does not exist"
+            )));
         }
         self.cache.clear();
         Ok((addr, aliases))
     }
 
-    async fn user_update<T>(&self, addr: &str, delimiter: Option<char>, set: &'static str, value: T) -> Result<Address>
+    async fn user_update<T>(
+        &self,
+        addr: &str,
+        delimiter: Option<char>,
+        set: &'static str,
+        value: T,
+    ) -> Result<Address>
     where
         T: Clone + Send + Sync,
         for<'q> T: sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
@@ -202,24 +242,43 @@ impl Directory {
             sqlx::query(sql).bind(value.clone()).bind(&addr.domain).bind(&addr.local).execute(p).await?.rows_affected()
         });
         if n == 0 {
-            return Err(DirectoryError::NotFound(format!("user {addr} does not exist")));
+            return Err(DirectoryError::NotFound(format!(
+                "user {addr} does not exist"
+            )));
         }
         self.cache.clear();
         Ok(addr)
     }
 
-    pub async fn user_set_password(&self, addr: &str, delimiter: Option<char>, hash: &str) -> Result<Address> {
+    pub async fn user_set_password(
+        &self,
+        addr: &str,
+        delimiter: Option<char>,
+        hash: &str,
+    ) -> Result<Address> {
         let set = "UPDATE users SET password = ?, updated_at = CURRENT_TIMESTAMP WHERE domain = ? AND local_part = ?";
-        self.user_update(addr, delimiter, set, hash.to_string()).await
+        self.user_update(addr, delimiter, set, hash.to_string())
+            .await
     }
 
-    pub async fn user_set_active(&self, addr: &str, delimiter: Option<char>, active: bool) -> Result<Address> {
+    pub async fn user_set_active(
+        &self,
+        addr: &str,
+        delimiter: Option<char>,
+        active: bool,
+    ) -> Result<Address> {
         let set = "UPDATE users SET active = ?, updated_at = CURRENT_TIMESTAMP WHERE domain = ? AND local_part = ?";
         self.user_update(addr, delimiter, set, active).await
     }
 
-    pub async fn user_set_quota(&self, addr: &str, delimiter: Option<char>, quota: u64) -> Result<Address> {
-        let quota = i64::try_from(quota).map_err(|_| DirectoryError::Conflict("quota is too large".into()))?;
+    pub async fn user_set_quota(
+        &self,
+        addr: &str,
+        delimiter: Option<char>,
+        quota: u64,
+    ) -> Result<Address> {
+        let quota = i64::try_from(quota)
+            .map_err(|_| DirectoryError::Conflict("quota is too large".into()))?;
         let set = "UPDATE users SET quota = ?, updated_at = CURRENT_TIMESTAMP WHERE domain = ? AND local_part = ?";
         self.user_update(addr, delimiter, set, quota).await
     }
@@ -227,15 +286,13 @@ impl Directory {
     /// The stored password hash of an active user, for authentication.
     pub async fn user_password(&self, addr: &Address) -> Result<Option<String>> {
         let sql = self.sql("SELECT password FROM dovecot_passdb WHERE username = ?");
-        let row: Option<(Option<String>,)> =
-            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(addr.to_string()).fetch_optional(p).await)?;
+        let row: Option<(Option<String>,)> = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(addr.to_string()).fetch_optional(p).await)?;
         Ok(row.and_then(|(p,)| p))
     }
 
     async fn user_exists(&self, addr: &Address) -> Result<bool> {
         let sql = self.sql("SELECT COUNT(*) FROM users WHERE domain = ? AND local_part = ?");
-        let (n,): (i64,) =
-            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(&addr.domain).bind(&addr.local).fetch_one(p).await)?;
+        let (n,): (i64,) = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(&addr.domain).bind(&addr.local).fetch_one(p).await)?;
         Ok(n > 0)
     }
 
@@ -243,7 +300,8 @@ impl Directory {
 
     async fn alias_exists(&self, source: &str) -> Result<bool> {
         let sql = self.sql("SELECT COUNT(*) FROM aliases WHERE source = ?");
-        let (n,): (i64,) = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(source).fetch_one(p).await)?;
+        let (n,): (i64,) =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(source).fetch_one(p).await)?;
         Ok(n > 0)
     }
 
@@ -264,21 +322,36 @@ impl Directory {
 
     /// Adds destinations to an alias. Each destination must be a local
     /// mailbox or another alias; loops are caught when mail is resolved.
-    pub async fn alias_add(&self, source: &str, destinations: &[String], delimiter: Option<char>) -> Result<(String, Vec<String>)> {
+    pub async fn alias_add(
+        &self,
+        source: &str,
+        destinations: &[String],
+        delimiter: Option<char>,
+    ) -> Result<(String, Vec<String>)> {
         let (source, domain) = Self::alias_source(source, delimiter)?;
         self.require_domain(&domain).await?;
-        if !source.starts_with('@') && self.user_exists(&Address::parse(&source, delimiter)?).await? {
-            return Err(DirectoryError::Conflict(format!("{source} is a mailbox; an alias cannot shadow it")));
+        if !source.starts_with('@')
+            && self
+                .user_exists(&Address::parse(&source, delimiter)?)
+                .await?
+        {
+            return Err(DirectoryError::Conflict(format!(
+                "{source} is a mailbox; an alias cannot shadow it"
+            )));
         }
         if destinations.is_empty() {
-            return Err(DirectoryError::Conflict("an alias needs at least one destination".into()));
+            return Err(DirectoryError::Conflict(
+                "an alias needs at least one destination".into(),
+            ));
         }
         let mut dests = Vec::new();
         for d in destinations {
             let a = Address::parse(d, delimiter)?;
             let full = a.to_string();
             if full == source {
-                return Err(DirectoryError::Conflict(format!("alias {source} cannot point to itself")));
+                return Err(DirectoryError::Conflict(format!(
+                    "alias {source} cannot point to itself"
+                )));
             }
             if !self.user_exists(&a).await? && !self.alias_exists(&full).await? {
                 return Err(DirectoryError::NotFound(format!(
@@ -290,17 +363,20 @@ impl Directory {
             }
         }
         let sql = self.sql("INSERT INTO aliases (domain, source, destination) VALUES (?, ?, ?)");
-        let r = on_pool!(&self.pool, p => {
+        // The async block keeps `?` inside it: a duplicate must reach the
+        // match below as a sqlx error, not leave this function as a bare
+        // query error (and the dropped transaction rolls back).
+        let r = on_pool!(&self.pool, p => async {
             let mut tx = p.begin().await?;
             for d in &dests {
                 sqlx::query(sql.clone()).bind(&domain).bind(&source).bind(d).execute(&mut *tx).await?;
             }
             tx.commit().await
-        });
+        }.await);
         match r {
-            Err(e) if is_unique_violation(&e) => {
-                Err(DirectoryError::Exists(format!("alias {source} already has one of those destinations")))
-            }
+            Err(e) if is_unique_violation(&e) => Err(DirectoryError::Exists(format!(
+                "alias {source} already has one of those destinations"
+            ))),
             r => {
                 r?;
                 self.cache.clear();
@@ -318,7 +394,8 @@ impl Directory {
                 on_pool!(&self.pool, p => sqlx::query_as(sql).bind(d).fetch_all(p).await)?
             }
             None => {
-                let sql = "SELECT source, destination, active FROM aliases ORDER BY source, destination";
+                let sql =
+                    "SELECT source, destination, active FROM aliases ORDER BY source, destination";
                 on_pool!(&self.pool, p => sqlx::query_as(sql).fetch_all(p).await)?
             }
         };
@@ -340,7 +417,12 @@ impl Directory {
     }
 
     /// Removes an alias, or only one of its destinations.
-    pub async fn alias_remove(&self, source: &str, destination: Option<&str>, delimiter: Option<char>) -> Result<String> {
+    pub async fn alias_remove(
+        &self,
+        source: &str,
+        destination: Option<&str>,
+        delimiter: Option<char>,
+    ) -> Result<String> {
         let (source, _) = Self::alias_source(source, delimiter)?;
         let n = match destination {
             Some(d) => {
@@ -354,7 +436,9 @@ impl Directory {
             }
         };
         if n == 0 {
-            return Err(DirectoryError::NotFound(format!("alias {source} does not exist")));
+            return Err(DirectoryError::NotFound(format!(
+                "alias {source} does not exist"
+            )));
         }
         self.cache.clear();
         Ok(source)
@@ -365,13 +449,18 @@ impl Directory {
     pub async fn sink_add(&self, pattern: &str, ttl_seconds: u64) -> Result<String> {
         let pattern = address::sink_pattern(pattern)?;
         if ttl_seconds == 0 {
-            return Err(DirectoryError::Conflict("a sink rule's TTL must be at least 1s".into()));
+            return Err(DirectoryError::Conflict(
+                "a sink rule's TTL must be at least 1s".into(),
+            ));
         }
-        let ttl = i64::try_from(ttl_seconds).map_err(|_| DirectoryError::Conflict("TTL is too large".into()))?;
+        let ttl = i64::try_from(ttl_seconds)
+            .map_err(|_| DirectoryError::Conflict("TTL is too large".into()))?;
         let sql = self.sql("INSERT INTO sink_rules (pattern, ttl_seconds) VALUES (?, ?)");
         let r = on_pool!(&self.pool, p => sqlx::query(sql).bind(&pattern).bind(ttl).execute(p).await.map(|r| r.rows_affected()));
         match r {
-            Err(e) if is_unique_violation(&e) => Err(DirectoryError::Exists(format!("sink rule {pattern} exists already"))),
+            Err(e) if is_unique_violation(&e) => Err(DirectoryError::Exists(format!(
+                "sink rule {pattern} exists already"
+            ))),
             r => {
                 r?;
                 self.cache.clear();
@@ -382,10 +471,15 @@ impl Directory {
 
     pub async fn sink_list(&self) -> Result<Vec<SinkRuleRow>> {
         let sql = "SELECT pattern, ttl_seconds, active FROM sink_rules ORDER BY pattern";
-        let rows: Vec<(String, i64, bool)> = on_pool!(&self.pool, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        let rows: Vec<(String, i64, bool)> =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).fetch_all(p).await)?;
         Ok(rows
             .into_iter()
-            .map(|(pattern, ttl_seconds, active)| SinkRuleRow { pattern, ttl_seconds, active })
+            .map(|(pattern, ttl_seconds, active)| SinkRuleRow {
+                pattern,
+                ttl_seconds,
+                active,
+            })
             .collect())
     }
 
@@ -394,7 +488,9 @@ impl Directory {
         let sql = self.sql("DELETE FROM sink_rules WHERE pattern = ?");
         let n = on_pool!(&self.pool, p => sqlx::query(sql).bind(&pattern).execute(p).await?.rows_affected());
         if n == 0 {
-            return Err(DirectoryError::NotFound(format!("sink rule {pattern} does not exist")));
+            return Err(DirectoryError::NotFound(format!(
+                "sink rule {pattern} does not exist"
+            )));
         }
         self.cache.clear();
         Ok(pattern)

@@ -13,10 +13,10 @@ mod resolve;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 pub use admin::{AliasRow, DomainRow, SinkRuleRow, UserRow};
 pub use resolve::{Mailbox, Route};
@@ -31,7 +31,9 @@ static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/my
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     /// The URL's scheme is none of sqlite, postgres, mysql, mariadb.
-    #[error("database url {0:?}: unsupported scheme (use sqlite://, postgres://, mysql:// or mariadb://)")]
+    #[error(
+        "database url {0:?}: unsupported scheme (use sqlite://, postgres://, mysql:// or mariadb://)"
+    )]
     UnsupportedUrl(String),
     /// The database could not be reached or opened.
     #[error("cannot connect to {url}: {source}")]
@@ -99,7 +101,11 @@ pub struct Directory {
 
 impl Directory {
     /// Opens a pool on `url`; a SQLite file is created if missing.
-    pub async fn connect(url: &str, max_connections: u32, cache_ttl: Duration) -> Result<Directory> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        cache_ttl: Duration,
+    ) -> Result<Directory> {
         let connect_err = |source| DirectoryError::Connect {
             url: redact(url),
             source,
@@ -122,6 +128,7 @@ impl Directory {
             }
             Backend::Postgres => {
                 let opts = PgConnectOptions::from_str(url).map_err(connect_err)?;
+                probe(&opts).await.map_err(connect_err)?;
                 let pool = PgPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(acquire)
@@ -133,6 +140,7 @@ impl Directory {
             Backend::MySql => {
                 let url = url.replacen("mariadb://", "mysql://", 1);
                 let opts = MySqlConnectOptions::from_str(&url).map_err(connect_err)?;
+                probe(&opts).await.map_err(connect_err)?;
                 let pool = MySqlPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(acquire)
@@ -187,7 +195,10 @@ impl Directory {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(DirectoryError::NotMigrated(format!("pending: {}", missing.join(", "))))
+            Err(DirectoryError::NotMigrated(format!(
+                "pending: {}",
+                missing.join(", ")
+            )))
         }
     }
 
@@ -217,6 +228,20 @@ impl Directory {
     }
 }
 
+/// Opens and closes one connection. A pool retries a refused or failing
+/// connection until its acquire timeout and then reports only "pool timed
+/// out", hiding the cause ("connection refused", a wrong password) from
+/// `letterbox check` and every admin command; one direct attempt fails fast
+/// and says why.
+async fn probe<O>(opts: &O) -> Result<(), sqlx::Error>
+where
+    O: sqlx::ConnectOptions,
+    O::Connection: Sized,
+{
+    use sqlx::Connection;
+    opts.connect().await?.close().await
+}
+
 /// Which backend a URL names.
 pub fn backend_of(url: &str) -> Result<Backend> {
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
@@ -238,7 +263,11 @@ pub fn redact(url: &str) -> String {
         Some(at) => {
             let userinfo = &rest[..at];
             let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or(userinfo);
-            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
             format!("{scheme}://{masked}{}", &rest[at..])
         }
         None => url.to_string(),
@@ -260,7 +289,10 @@ mod tests {
         assert_eq!(backend_of("postgres://u@h/db").unwrap(), Backend::Postgres);
         assert_eq!(backend_of("mariadb://root@h/db").unwrap(), Backend::MySql);
         assert!(backend_of("redis://h").is_err());
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://a.db"), "sqlite://a.db");
     }

@@ -41,13 +41,18 @@ pub enum Route {
     NotServed,
 }
 
+/// A cached value and when it was fetched.
+type Stamped<T> = (Instant, T);
+/// Sink rules as (normalized pattern, TTL).
+type SinkRules = Vec<(String, Duration)>;
+
 /// The lookup cache; `ttl` zero disables it.
 #[derive(Debug, Clone)]
 pub(super) struct Cache {
     ttl: Duration,
-    routes: Arc<Mutex<HashMap<String, (Instant, Arc<Route>)>>>,
+    routes: Arc<Mutex<HashMap<String, Stamped<Arc<Route>>>>>,
     /// Sink rules from the database, loaded as a whole.
-    rules: Arc<Mutex<Option<(Instant, Arc<Vec<(String, Duration)>>)>>>,
+    rules: Arc<Mutex<Option<Stamped<Arc<SinkRules>>>>>,
 }
 
 impl Cache {
@@ -67,7 +72,10 @@ impl Cache {
 
     fn get(&self, key: &str) -> Option<Arc<Route>> {
         let routes = self.routes.lock().unwrap();
-        routes.get(key).filter(|(t, _)| t.elapsed() < self.ttl).map(|(_, r)| r.clone())
+        routes
+            .get(key)
+            .filter(|(t, _)| t.elapsed() < self.ttl)
+            .map(|(_, r)| r.clone())
     }
 
     fn put(&self, key: String, route: Arc<Route>) {
@@ -85,7 +93,12 @@ impl Cache {
 impl Directory {
     /// Where mail for `rcpt` goes. `static_rules` are sink rules from the
     /// config file (normalized pattern, TTL), consulted after the database's.
-    pub async fn resolve(&self, rcpt: &Address, delimiter: Option<char>, static_rules: &[(String, Duration)]) -> Result<Arc<Route>> {
+    pub async fn resolve(
+        &self,
+        rcpt: &Address,
+        delimiter: Option<char>,
+        static_rules: &[(String, Duration)],
+    ) -> Result<Arc<Route>> {
         let key = rcpt.to_string();
         if let Some(route) = self.cache.get(&key) {
             return Ok(route);
@@ -95,14 +108,22 @@ impl Directory {
         Ok(route)
     }
 
-    async fn resolve_uncached(&self, rcpt: &Address, delimiter: Option<char>, static_rules: &[(String, Duration)]) -> Result<Route> {
+    async fn resolve_uncached(
+        &self,
+        rcpt: &Address,
+        delimiter: Option<char>,
+        static_rules: &[(String, Duration)],
+    ) -> Result<Route> {
         let served = self.domain_active(&rcpt.domain).await?;
         if served {
             let (base, tag) = rcpt.without_subaddress(delimiter);
             let mut found = Vec::new();
-            let direct = self.expand(&base.to_string(), 0, &mut Vec::new(), &mut found).await?;
+            let direct = self
+                .expand(&base.to_string(), 0, &mut Vec::new(), &mut found)
+                .await?;
             if found.is_empty() {
-                self.expand(&format!("@{}", rcpt.domain), 0, &mut Vec::new(), &mut found).await?;
+                self.expand(&format!("@{}", rcpt.domain), 0, &mut Vec::new(), &mut found)
+                    .await?;
             }
             if !found.is_empty() {
                 let original = rcpt.to_string();
@@ -117,7 +138,10 @@ impl Directory {
             }
         }
         let db_rules = self.sink_rules_cached().await?;
-        let rule = db_rules.iter().chain(static_rules).find(|(p, _)| address::sink_pattern_matches(p, &rcpt.domain));
+        let rule = db_rules
+            .iter()
+            .chain(static_rules)
+            .find(|(p, _)| address::sink_pattern_matches(p, &rcpt.domain));
         Ok(match rule {
             Some((pattern, ttl)) => Route::Sink {
                 pattern: pattern.clone(),
@@ -130,7 +154,8 @@ impl Directory {
 
     async fn domain_active(&self, domain: &str) -> Result<bool> {
         let sql = self.sql("SELECT COUNT(*) FROM domains WHERE name = ? AND active = TRUE");
-        let (n,): (i64,) = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(domain).fetch_one(p).await)?;
+        let (n,): (i64,) =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(domain).fetch_one(p).await)?;
         Ok(n > 0)
     }
 
@@ -150,8 +175,7 @@ impl Directory {
                     "SELECT u.quota FROM users u JOIN domains d ON d.name = u.domain \
                      WHERE u.domain = ? AND u.local_part = ? AND u.active = TRUE AND d.active = TRUE",
                 );
-                let user: Option<(i64,)> =
-                    on_pool!(&self.pool, p => sqlx::query_as(sql).bind(domain).bind(local).fetch_optional(p).await)?;
+                let user: Option<(i64,)> = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(domain).bind(local).fetch_optional(p).await)?;
                 if let Some((quota,)) = user {
                     let address = Address {
                         local: local.to_string(),
@@ -169,11 +193,15 @@ impl Directory {
                 }
             }
             if depth >= MAX_ALIAS_DEPTH || path.iter().any(|p| p == addr) {
-                tracing::warn!(alias = addr, "alias loop or chain too deep; not following further");
+                tracing::warn!(
+                    alias = addr,
+                    "alias loop or chain too deep; not following further"
+                );
                 return Ok(false);
             }
             let sql = self.sql("SELECT destination FROM aliases WHERE source = ? AND active = TRUE ORDER BY destination");
-            let dests: Vec<(String,)> = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(addr).fetch_all(p).await)?;
+            let dests: Vec<(String,)> =
+                on_pool!(&self.pool, p => sqlx::query_as(sql).bind(addr).fetch_all(p).await)?;
             path.push(addr.to_string());
             for (dest,) in dests {
                 self.expand(&dest, depth + 1, path, out).await?;
@@ -184,14 +212,20 @@ impl Directory {
     }
 
     async fn sink_rules_cached(&self) -> Result<Arc<Vec<(String, Duration)>>> {
-        if let Some((t, rules)) = self.cache.rules.lock().unwrap().as_ref() {
-            if t.elapsed() < self.cache.ttl {
-                return Ok(rules.clone());
-            }
+        if let Some((t, rules)) = self.cache.rules.lock().unwrap().as_ref()
+            && t.elapsed() < self.cache.ttl
+        {
+            return Ok(rules.clone());
         }
-        let sql = "SELECT pattern, ttl_seconds FROM sink_rules WHERE active = TRUE ORDER BY pattern";
-        let rows: Vec<(String, i64)> = on_pool!(&self.pool, p => sqlx::query_as(sql).fetch_all(p).await)?;
-        let rules: Arc<Vec<_>> = Arc::new(rows.into_iter().map(|(p, t)| (p, Duration::from_secs(t.max(1) as u64))).collect());
+        let sql =
+            "SELECT pattern, ttl_seconds FROM sink_rules WHERE active = TRUE ORDER BY pattern";
+        let rows: Vec<(String, i64)> =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        let rules: Arc<Vec<_>> = Arc::new(
+            rows.into_iter()
+                .map(|(p, t)| (p, Duration::from_secs(t.max(1) as u64)))
+                .collect(),
+        );
         if !self.cache.ttl.is_zero() {
             *self.cache.rules.lock().unwrap() = Some((Instant::now(), rules.clone()));
         }
