@@ -38,7 +38,9 @@ pub async fn deliver(ctx: &Context, envelope: &Envelope, spool: Spool) -> Reply 
     // retries and the sink holds a duplicate, which beats losing a copy
     // after a 250.
     if !sinks.is_empty() {
-        let content = spool.as_memory().expect("sink transactions are spooled in memory");
+        let content = spool
+            .as_memory()
+            .expect("sink transactions are spooled in memory");
         for (rcpt, ttl) in &sinks {
             let header = envelope.received_header(rcpt);
             let mut raw = BytesMut::with_capacity(header.len() + content.len());
@@ -50,7 +52,11 @@ pub async fn deliver(ctx: &Context, envelope: &Envelope, spool: Spool) -> Reply 
         }
     }
     if !mailboxes.is_empty() {
-        match ctx.maildirs.deliver(envelope, Arc::new(spool), &mailboxes).await {
+        match ctx
+            .maildirs
+            .deliver(envelope, Arc::new(spool), &mailboxes)
+            .await
+        {
             Ok(_) => {}
             Err(DeliveryError::QuotaExceeded { mailbox }) => {
                 tracing::info!(id = %envelope.id, %mailbox, "over quota");

@@ -78,7 +78,9 @@ impl Envelope {
 
 /// An RFC 5322 date-time for now, in UTC: `Sun, 22 Nov 2026 12:00:00 +0000`.
 pub fn rfc5322_now() -> String {
-    chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S +0000").to_string()
+    chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S +0000")
+        .to_string()
 }
 
 /// A fresh transaction id: 16 lowercase hex digits from a CSPRNG.

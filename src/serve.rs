@@ -36,7 +36,10 @@ impl Running {
     pub async fn wait(self) {
         self.shutdown.cancelled().await;
         self.tracker.close();
-        if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown grace period over; closing remaining sessions");
         }
         self.context.directory.close().await;
@@ -46,7 +49,12 @@ impl Running {
 /// Builds everything and binds the listeners; sessions run in the background.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
-    let directory = Directory::connect(&config.database.url, config.database.max_connections, config.database.cache_ttl.0).await?;
+    let directory = Directory::connect(
+        &config.database.url,
+        config.database.max_connections,
+        config.database.cache_ttl.0,
+    )
+    .await?;
     directory.migrate().await?;
     let maildirs = Maildirs::new(&config.maildir, &config.hostname)
         .with_context(|| format!("maildir root {}", config.maildir.root.display()))?;
@@ -63,7 +71,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let tracker = TaskTracker::new();
     let mut smtp_addrs = Vec::new();
     for addr in &config.smtp.listen {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for SMTP on {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for SMTP on {addr}"))?;
         let server = Server::new(context.clone(), listener);
         let local = server.local_addr()?;
         tracing::info!(%local, "SMTP listening");
@@ -90,9 +100,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = running.shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-        else {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -117,7 +129,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),

@@ -5,8 +5,8 @@ mod common;
 use std::sync::Arc;
 
 use common::server::{Client, TestServer};
-use letterbox::smtp::session::Connection;
 use letterbox::smtp::Session;
+use letterbox::smtp::session::Connection;
 use tokio_util::sync::CancellationToken;
 
 fn write_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
@@ -21,11 +21,13 @@ fn write_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf,
 fn connector(der: Vec<u8>) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der.into()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
@@ -42,25 +44,40 @@ async fn starttls_discards_pipelined_plaintext_and_resets_state() {
     c.greeting().await;
     let ehlo = c.cmd_prefix("EHLO client.example", "250-").await;
     assert!(ehlo.ends_with("250-CHUNKING\r\n250 STARTTLS\r\n"), "{ehlo}");
-    c.cmd("MAIL FROM:<a@b.example>", "250 2.1.0 Sender ok").await;
+    c.cmd("MAIL FROM:<a@b.example>", "250 2.1.0 Sender ok")
+        .await;
     // The injected RCPT must never be executed inside TLS.
     c.send(b"STARTTLS\r\nRCPT TO:<alice@example.org>\r\n").await;
     assert_eq!(c.reply().await, "220 2.0.0 Ready to start TLS\r\n");
     let tcp = c.stream.into_inner();
-    let tls = connector(der).connect("mx.example.org".try_into().unwrap(), tcp).await.unwrap();
+    let tls = connector(der)
+        .connect("mx.example.org".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
     let mut t = Client::new(tls);
     // State was reset: no transaction, and EHLO is needed again.
-    t.cmd("RCPT TO:<alice@example.org>", "503 5.5.1 Need MAIL command").await;
-    t.cmd("MAIL FROM:<a@b.example>", "503 5.5.1 Send EHLO or HELO first").await;
+    t.cmd("RCPT TO:<alice@example.org>", "503 5.5.1 Need MAIL command")
+        .await;
+    t.cmd(
+        "MAIL FROM:<a@b.example>",
+        "503 5.5.1 Send EHLO or HELO first",
+    )
+    .await;
     let ehlo = t.cmd_prefix("EHLO client.example", "250-").await;
-    assert!(ehlo.ends_with("250 CHUNKING\r\n"), "STARTTLS offered inside TLS: {ehlo}");
+    assert!(
+        ehlo.ends_with("250 CHUNKING\r\n"),
+        "STARTTLS offered inside TLS: {ehlo}"
+    );
     t.cmd("STARTTLS", "503 5.5.1 TLS already active").await;
-    t.cmd("MAIL FROM:<a@b.example>", "250 2.1.0 Sender ok").await;
-    t.cmd("RCPT TO:<alice@example.org>", "250 2.1.5 Recipient ok").await;
+    t.cmd("MAIL FROM:<a@b.example>", "250 2.1.0 Sender ok")
+        .await;
+    t.cmd("RCPT TO:<alice@example.org>", "250 2.1.5 Recipient ok")
+        .await;
     t.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
     t.send(b"Subject: tls\r\n\r\nsecret\r\n.\r\n").await;
     assert!(t.reply().await.starts_with("250 2.0.0 Ok: delivered as "));
-    let text = String::from_utf8(std::fs::read(&s.new_files("alice@example.org")[0]).unwrap()).unwrap();
+    let text =
+        String::from_utf8(std::fs::read(&s.new_files("alice@example.org")[0]).unwrap()).unwrap();
     assert!(text.contains(" with ESMTPS id "), "{text}");
     assert!(text.contains("(TLSv1.3:TLS13_"), "{text}");
 }
@@ -74,18 +91,28 @@ async fn command_and_data_timeouts_on_a_paused_clock() {
     // DATA block timeout (180 s). The directory is consulted on a running
     // clock; it is paused only once the client stalls mid-message.
     let (client, server) = tokio::io::duplex(4096);
-    let session = Session::new(server, ctx.clone(), Connection::new(ip), CancellationToken::new());
+    let session = Session::new(
+        server,
+        ctx.clone(),
+        Connection::new(ip),
+        CancellationToken::new(),
+    );
     let task = tokio::spawn(session.run(true));
     let mut c = Client::new(client);
     c.patience = std::time::Duration::from_secs(3600);
     c.greeting().await;
     c.cmd_prefix("EHLO client.example", "250-").await;
-    c.cmd("MAIL FROM:<a@b.example>", "250 2.1.0 Sender ok").await;
-    c.cmd("RCPT TO:<alice@example.org>", "250 2.1.5 Recipient ok").await;
+    c.cmd("MAIL FROM:<a@b.example>", "250 2.1.0 Sender ok")
+        .await;
+    c.cmd("RCPT TO:<alice@example.org>", "250 2.1.5 Recipient ok")
+        .await;
     c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
     tokio::time::pause();
     c.send(b"Subject: stalled\r\n").await;
-    assert_eq!(c.reply().await, "421 4.4.2 Timeout exceeded, closing connection\r\n");
+    assert_eq!(
+        c.reply().await,
+        "421 4.4.2 Timeout exceeded, closing connection\r\n"
+    );
     task.await.unwrap().unwrap();
     assert!(s.new_files("alice@example.org").is_empty());
 
@@ -96,7 +123,10 @@ async fn command_and_data_timeouts_on_a_paused_clock() {
     let mut c = Client::new(client);
     c.patience = std::time::Duration::from_secs(3600);
     c.greeting().await;
-    assert_eq!(c.reply().await, "421 4.4.2 Timeout exceeded, closing connection\r\n");
+    assert_eq!(
+        c.reply().await,
+        "421 4.4.2 Timeout exceeded, closing connection\r\n"
+    );
     task.await.unwrap().unwrap();
 }
 
@@ -107,9 +137,17 @@ async fn in_memory_stream_pregreet_is_refused() {
     let (client, server) = tokio::io::duplex(4096);
     let mut c = Client::new(client);
     c.send(b"EHLO hasty.example\r\n").await;
-    let session = Session::new(server, ctx, Connection::new("192.0.2.7".parse().unwrap()), CancellationToken::new());
+    let session = Session::new(
+        server,
+        ctx,
+        Connection::new("192.0.2.7".parse().unwrap()),
+        CancellationToken::new(),
+    );
     tokio::spawn(session.run(true));
-    assert_eq!(c.reply().await, "554 5.5.0 Protocol error: talking before the greeting\r\n");
+    assert_eq!(
+        c.reply().await,
+        "554 5.5.0 Protocol error: talking before the greeting\r\n"
+    );
 }
 
 /// Runs a blocking program on the blocking pool so the server keeps running.
@@ -122,9 +160,16 @@ async fn run(cmd: &'static str, args: Vec<String>, stdin: Option<String>) -> std
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("{cmd} is required for this test (install it as .ci/run does): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("{cmd} is required for this test (install it as .ci/run does): {e}")
+            });
         if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
         }
         drop(child.stdin.take());
         child.wait_with_output().unwrap()
@@ -192,7 +237,11 @@ print("ok")
         port = s.addr.port()
     );
     let out = run("python3", vec!["-c".into(), script], None).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
     assert_eq!(s.new_files("alice@example.org").len(), 1);
 }

@@ -18,7 +18,10 @@ pub enum Command {
     Mail(MailFrom),
     Rcpt(String),
     Data,
-    Bdat { size: u64, last: bool },
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -92,7 +95,10 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
             Command::Rcpt(to.address.into_owned())
         }
         Request::Data => Command::Data,
-        Request::Bdat { chunk_size, is_last } => Command::Bdat {
+        Request::Bdat {
+            chunk_size,
+            is_last,
+        } => Command::Bdat {
             size: chunk_size as u64,
             last: is_last,
         },
@@ -103,9 +109,11 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         Request::Vrfy { .. } => Command::Vrfy,
         Request::Expn { .. } => Command::Expn,
         Request::StartTls => Command::StartTls,
-        Request::Lhlo { .. } | Request::Auth { .. } | Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
-            Command::NotImplemented
-        }
+        Request::Lhlo { .. }
+        | Request::Auth { .. }
+        | Request::Etrn { .. }
+        | Request::Atrn { .. }
+        | Request::Burl { .. } => Command::NotImplemented,
     })
 }
 
@@ -123,11 +131,13 @@ fn proto_error(e: ProtoError) -> Reply {
         ProtoError::InvalidSenderAddress => Reply::bad_sender(),
         ProtoError::InvalidRecipientAddress => Reply::bad_recipient(),
         ProtoError::SyntaxError { syntax } => Reply::syntax(format!("Syntax: {syntax}")),
-        ProtoError::InvalidParameter { param } => Reply::syntax(format!("Invalid parameter {param}")),
-        ProtoError::UnsupportedParameter { param } => Reply::unsupported_parameter(&param),
-        ProtoError::NeedsMoreData { .. } | ProtoError::ResponseTooLong | ProtoError::InvalidResponse { .. } => {
-            Reply::syntax("Syntax error")
+        ProtoError::InvalidParameter { param } => {
+            Reply::syntax(format!("Invalid parameter {param}"))
         }
+        ProtoError::UnsupportedParameter { param } => Reply::unsupported_parameter(&param),
+        ProtoError::NeedsMoreData { .. }
+        | ProtoError::ResponseTooLong
+        | ProtoError::InvalidResponse { .. } => Reply::syntax("Syntax error"),
     }
 }
 
@@ -147,27 +157,86 @@ mod tests {
     #[test]
     fn commands() {
         let table: &[(&str, Result<Command, &str>)] = &[
-            ("EHLO client.example\r\n", Ok(Command::Ehlo("client.example".into()))),
-            ("ehlo [192.0.2.1]\r\n", Ok(Command::Ehlo("[192.0.2.1]".into()))),
+            (
+                "EHLO client.example\r\n",
+                Ok(Command::Ehlo("client.example".into())),
+            ),
+            (
+                "ehlo [192.0.2.1]\r\n",
+                Ok(Command::Ehlo("[192.0.2.1]".into())),
+            ),
             ("HELO x\n", Ok(Command::Helo("x".into()))),
             ("EHLO\r\n", Err("501 5.5.4 Syntax: EHLO domain\r\n")),
             ("MAIL FROM:<a@b.example>\r\n", Ok(mail("a@b.example"))),
             ("MAIL FROM:<>\r\n", Ok(mail(""))),
-            ("mail from:<a@b.example> SIZE=1000 BODY=8BITMIME SMTPUTF8\r\n", Ok(Command::Mail(MailFrom { address: "a@b.example".into(), size: Some(1000), smtputf8: true, eight_bit: true }))),
-            ("MAIL FROM:<a@b.example> RET=FULL\r\n", Err("555 5.5.4 Unsupported parameter RET\r\n")),
-            ("MAIL FROM:<a@b.example> AUTH=<>\r\n", Err("555 5.5.4 Unsupported parameter AUTH\r\n")),
-            ("MAIL FROM:<a@b.example> FOO=bar\r\n", Err("555 5.5.4 Unsupported parameter FOO=BAR\r\n")),
-            ("MAIL FROM:a@b.example\r\n", Err("501 5.5.4 Syntax: MAIL FROM:<reverse-path> [parameters]\r\n")),
-            ("MAIL TO:<a@b>\r\n", Err("501 5.5.4 Syntax: MAIL FROM:<reverse-path> [parameters]\r\n")),
-            ("RCPT TO:<u@example.org>\r\n", Ok(Command::Rcpt("u@example.org".into()))),
-            ("RCPT TO:<@relay.example,@x.example:u@example.org>\r\n", Ok(Command::Rcpt("u@example.org".into()))),
-            ("RCPT TO:<\"a@b\"@example.org>\r\n", Ok(Command::Rcpt("a@b@example.org".into()))),
-            ("RCPT TO:<u@example.org> NOTIFY=NEVER\r\n", Err("555 5.5.4 Unsupported parameter NOTIFY\r\n")),
-            ("RCPT TO:<a\0b@example.org>\r\n", Err("501 5.5.4 Command line contains CR or NUL\r\n")),
-            ("RCPT TO:<a\rb@example.org>\r\n", Err("501 5.5.4 Command line contains CR or NUL\r\n")),
+            (
+                "mail from:<a@b.example> SIZE=1000 BODY=8BITMIME SMTPUTF8\r\n",
+                Ok(Command::Mail(MailFrom {
+                    address: "a@b.example".into(),
+                    size: Some(1000),
+                    smtputf8: true,
+                    eight_bit: true,
+                })),
+            ),
+            (
+                "MAIL FROM:<a@b.example> RET=FULL\r\n",
+                Err("555 5.5.4 Unsupported parameter RET\r\n"),
+            ),
+            (
+                "MAIL FROM:<a@b.example> AUTH=<>\r\n",
+                Err("555 5.5.4 Unsupported parameter AUTH\r\n"),
+            ),
+            (
+                "MAIL FROM:<a@b.example> FOO=bar\r\n",
+                Err("555 5.5.4 Unsupported parameter FOO=BAR\r\n"),
+            ),
+            (
+                "MAIL FROM:a@b.example\r\n",
+                Err("501 5.5.4 Syntax: MAIL FROM:<reverse-path> [parameters]\r\n"),
+            ),
+            (
+                "MAIL TO:<a@b>\r\n",
+                Err("501 5.5.4 Syntax: MAIL FROM:<reverse-path> [parameters]\r\n"),
+            ),
+            (
+                "RCPT TO:<u@example.org>\r\n",
+                Ok(Command::Rcpt("u@example.org".into())),
+            ),
+            (
+                "RCPT TO:<@relay.example,@x.example:u@example.org>\r\n",
+                Ok(Command::Rcpt("u@example.org".into())),
+            ),
+            (
+                "RCPT TO:<\"a@b\"@example.org>\r\n",
+                Ok(Command::Rcpt("a@b@example.org".into())),
+            ),
+            (
+                "RCPT TO:<u@example.org> NOTIFY=NEVER\r\n",
+                Err("555 5.5.4 Unsupported parameter NOTIFY\r\n"),
+            ),
+            (
+                "RCPT TO:<a\0b@example.org>\r\n",
+                Err("501 5.5.4 Command line contains CR or NUL\r\n"),
+            ),
+            (
+                "RCPT TO:<a\rb@example.org>\r\n",
+                Err("501 5.5.4 Command line contains CR or NUL\r\n"),
+            ),
             ("DATA\r\n", Ok(Command::Data)),
-            ("BDAT 100 LAST\r\n", Ok(Command::Bdat { size: 100, last: true })),
-            ("BDAT 0\r\n", Ok(Command::Bdat { size: 0, last: false })),
+            (
+                "BDAT 100 LAST\r\n",
+                Ok(Command::Bdat {
+                    size: 100,
+                    last: true,
+                }),
+            ),
+            (
+                "BDAT 0\r\n",
+                Ok(Command::Bdat {
+                    size: 0,
+                    last: false,
+                }),
+            ),
             ("RSET\r\n", Ok(Command::Rset)),
             ("NOOP hello\r\n", Ok(Command::Noop)),
             ("QUIT\r\n", Ok(Command::Quit)),
@@ -185,6 +254,9 @@ mod tests {
             let want = want.clone().map_err(str::to_string);
             assert_eq!(got, want, "{line:?}");
         }
-        assert_eq!(parse(b"MAIL FROM:<\xff@x>\r\n").unwrap_err().to_wire(), "501 5.5.4 Command line is not valid UTF-8\r\n");
+        assert_eq!(
+            parse(b"MAIL FROM:<\xff@x>\r\n").unwrap_err().to_wire(),
+            "501 5.5.4 Command line is not valid UTF-8\r\n"
+        );
     }
 }

@@ -69,10 +69,12 @@ impl Body {
     }
 
     fn flush(&mut self) {
-        if !self.too_big && self.spool_error.is_none() && !self.pending.is_empty() {
-            if let Err(e) = self.spool.write(&self.pending) {
-                self.spool_error = Some(e);
-            }
+        if !self.too_big
+            && self.spool_error.is_none()
+            && !self.pending.is_empty()
+            && let Err(e) = self.spool.write(&self.pending)
+        {
+            self.spool_error = Some(e);
         }
         self.pending.clear();
     }
@@ -86,8 +88,8 @@ impl Body {
     }
 }
 
-/// What happened while reading content.
-enum Received_ {
+/// Whether reading more content may go on.
+enum Fill {
     Done,
     Stop(Reply),
 }
@@ -98,7 +100,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Sink mail never touches the disk, not even as a spool file.
         let dir = (!has_sink).then(|| self.ctx.maildirs.spool_dir());
         let limit = self.ctx.config.maildir.spool_memory_limit.0 as usize;
-        Body::new(decoder, Spool::new(limit, dir), self.ctx.config.smtp.max_message_size.0)
+        Body::new(
+            decoder,
+            Spool::new(limit, dir),
+            self.ctx.config.smtp.max_message_size.0,
+        )
     }
 
     /// Checks that a transaction is ready for content.
@@ -112,7 +118,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     pub(super) async fn data(&mut self) -> std::io::Result<(Reply, Next)> {
         if self.tx.as_ref().is_some_and(|t| t.bdat.is_some()) {
-            return Ok((Reply::bad_sequence("DATA not allowed during BDAT transfer"), Next::Continue));
+            return Ok((
+                Reply::bad_sequence("DATA not allowed during BDAT transfer"),
+                Next::Continue,
+            ));
         }
         if let Err(r) = self.content_allowed() {
             return Ok((r, Next::Continue));
@@ -129,7 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                 }
             }
-            if let Received_::Stop(reply) = self.fill_data().await? {
+            if let Fill::Stop(reply) = self.fill_data().await? {
                 self.tx = None;
                 return Ok((reply, Next::Close));
             }
@@ -148,11 +157,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // The chunk is read in full whatever the answer (RFC 3030 §2).
         let mut remaining = size;
         while remaining > 0 {
-            if self.rbuf.is_empty() {
-                if let Received_::Stop(reply) = self.fill_data().await? {
-                    self.tx = None;
-                    return Ok((reply, Next::Close));
-                }
+            if self.rbuf.is_empty()
+                && let Fill::Stop(reply) = self.fill_data().await?
+            {
+                self.tx = None;
+                return Ok((reply, Next::Close));
             }
             let chunk = self.take_buffered(remaining.min(usize::MAX as u64) as usize);
             remaining -= chunk.len() as u64;
@@ -161,7 +170,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let (Ok(()), Some(mut body)) = (allowed.clone(), body) else {
-            return Ok((allowed.err().expect("no body only when refused"), Next::Continue));
+            return Ok((
+                allowed.expect_err("no body only when refused"),
+                Next::Continue,
+            ));
         };
         if last {
             body.finish();
@@ -179,13 +191,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Reads more content; on timeout or disconnect says how to stop.
-    async fn fill_data(&mut self) -> std::io::Result<Received_> {
+    async fn fill_data(&mut self) -> std::io::Result<Fill> {
         let timeout = self.ctx.config.smtp.data_timeout.0;
         Ok(match self.fill(timeout, false).await? {
-            Ok(true) => Received_::Done,
-            Ok(false) => Received_::Stop(Reply::local_error()),
-            Err(Read::TimedOut) => Received_::Stop(Reply::timeout()),
-            Err(_) => Received_::Stop(Reply::local_error()),
+            Ok(true) => Fill::Done,
+            Ok(false) => Fill::Stop(Reply::local_error()),
+            Err(Read::TimedOut) => Fill::Stop(Reply::timeout()),
+            Err(_) => Fill::Stop(Reply::local_error()),
         })
     }
 

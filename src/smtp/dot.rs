@@ -69,7 +69,10 @@ impl Decoder {
         while i < input.len() {
             // Fast path: copy a run of ordinary bytes in one go.
             if self.state == State::Text {
-                let run = input[i..].iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(input.len() - i);
+                let run = input[i..]
+                    .iter()
+                    .position(|&b| b == b'\r' || b == b'\n')
+                    .unwrap_or(input.len() - i);
                 out.extend_from_slice(&input[i..i + run]);
                 i += run;
                 if i == input.len() {
@@ -154,10 +157,10 @@ mod tests {
                 Progress::Done(n) => Some(n),
                 Progress::More => None,
             };
-            if done.is_none() {
-                if let Progress::Done(n) = d.feed(&input[split..], &mut out) {
-                    done = Some(split + n);
-                }
+            if done.is_none()
+                && let Progress::Done(n) = d.feed(&input[split..], &mut out)
+            {
+                done = Some(split + n);
             }
             let got = (out, done, d.saw_bare_lf);
             match &first {
@@ -170,40 +173,83 @@ mod tests {
 
     #[test]
     fn terminator_and_unstuffing() {
-        assert_eq!(decode(b"hello\r\n.\r\n"), (b"hello\r\n".to_vec(), Some(10), false));
+        assert_eq!(
+            decode(b"hello\r\n.\r\n"),
+            (b"hello\r\n".to_vec(), Some(10), false)
+        );
         assert_eq!(decode(b".\r\n"), (b"".to_vec(), Some(3), false));
-        assert_eq!(decode(b"..dot\r\n.\r\nMAIL"), (b".dot\r\n".to_vec(), Some(10), false));
-        assert_eq!(decode(b"a\r\n...\r\n.\r\n"), (b"a\r\n..\r\n".to_vec(), Some(11), false));
-        assert_eq!(decode(b"a.\r\n.b\r\n.\r\n"), (b"a.\r\nb\r\n".to_vec(), Some(11), false));
+        assert_eq!(
+            decode(b"..dot\r\n.\r\nMAIL"),
+            (b".dot\r\n".to_vec(), Some(10), false)
+        );
+        assert_eq!(
+            decode(b"a\r\n...\r\n.\r\n"),
+            (b"a\r\n..\r\n".to_vec(), Some(11), false)
+        );
+        assert_eq!(
+            decode(b"a.\r\n.b\r\n.\r\n"),
+            (b"a.\r\nb\r\n".to_vec(), Some(11), false)
+        );
     }
 
     #[test]
     fn smuggling_variants_never_end_the_message() {
         // Each variant is followed by a would-be second message; all of it
         // must be content, and only the final CRLF.CRLF ends the data.
-        let variants: &[&[u8]] = &[b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\n", b"\n.\r", b"\0.\r\n", b"\r\n.\0\r\n", b"\r\n .\r\n"];
+        let variants: &[&[u8]] = &[
+            b"\n.\n",
+            b"\r.\r",
+            b"\n.\r\n",
+            b"\r\n.\n",
+            b"\r.\n",
+            b"\n.\r",
+            b"\0.\r\n",
+            b"\r\n.\0\r\n",
+            b"\r\n .\r\n",
+        ];
         for v in variants {
             let mut input = b"x".to_vec();
             input.extend_from_slice(v);
-            input.extend_from_slice(b"MAIL FROM:<e@evil>\r\nRCPT TO:<v@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n");
+            input.extend_from_slice(
+                b"MAIL FROM:<e@evil>\r\nRCPT TO:<v@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n",
+            );
             let (_, done, _) = decode(&input);
-            assert_eq!(done, Some(input.len()), "variant {v:?} ended the message early");
+            assert_eq!(
+                done,
+                Some(input.len()),
+                "variant {v:?} ended the message early"
+            );
         }
     }
 
     #[test]
     fn bare_lf_is_normalized_and_reported() {
-        assert_eq!(decode(b"a\nb\r\n.\r\n"), (b"a\r\nb\r\n".to_vec(), Some(8), true));
+        assert_eq!(
+            decode(b"a\nb\r\n.\r\n"),
+            (b"a\r\nb\r\n".to_vec(), Some(8), true)
+        );
         // A dot after a bare LF is content, not stuffing.
-        assert_eq!(decode(b"a\n.b\r\n.\r\n"), (b"a\r\n.b\r\n".to_vec(), Some(9), true));
+        assert_eq!(
+            decode(b"a\n.b\r\n.\r\n"),
+            (b"a\r\n.b\r\n".to_vec(), Some(9), true)
+        );
         // `<CRLF>.<LF>`: the dot was stuffing, the LF a bare line end.
-        assert_eq!(decode(b"a\r\n.\nb\r\n.\r\n"), (b"a\r\n\r\nb\r\n".to_vec(), Some(11), true));
+        assert_eq!(
+            decode(b"a\r\n.\nb\r\n.\r\n"),
+            (b"a\r\n\r\nb\r\n".to_vec(), Some(11), true)
+        );
     }
 
     #[test]
     fn bare_cr_passes_through() {
-        assert_eq!(decode(b"a\rb\r\r\n.\r\n"), (b"a\rb\r\r\n".to_vec(), Some(9), false));
-        assert_eq!(decode(b"\r\n.\rx\r\n.\r\n"), (b"\r\n\rx\r\n".to_vec(), Some(10), false));
+        assert_eq!(
+            decode(b"a\rb\r\r\n.\r\n"),
+            (b"a\rb\r\r\n".to_vec(), Some(9), false)
+        );
+        assert_eq!(
+            decode(b"\r\n.\rx\r\n.\r\n"),
+            (b"\r\n\rx\r\n".to_vec(), Some(10), false)
+        );
     }
 
     #[test]

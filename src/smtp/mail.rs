@@ -16,7 +16,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.tx.is_some() {
             return Reply::bad_sequence("Nested MAIL command");
         }
-        if from.size.is_some_and(|s| s > self.ctx.config.smtp.max_message_size.0) {
+        if from
+            .size
+            .is_some_and(|s| s > self.ctx.config.smtp.max_message_size.0)
+        {
             return Reply::message_too_big_declared();
         }
         // The sender lands in Return-Path: no control characters.

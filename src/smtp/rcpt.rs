@@ -31,11 +31,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         // RFC 5321 §4.5.1: <Postmaster> without a domain must be accepted;
         // it means the postmaster of our own host name.
-        let to = if to.is_empty() { format!("postmaster@{}", self.ctx.hostname) } else { to.to_string() };
+        let to = if to.is_empty() {
+            format!("postmaster@{}", self.ctx.hostname)
+        } else {
+            to.to_string()
+        };
         let addr = match Address::from_smtp(&to) {
             Ok(a) => a,
             // A domain we cannot even parse (an IP literal, say) is not ours.
-            Err(AddressError::BadDomain(_) | AddressError::DomainTooLong(_)) => return Reply::relay_denied(),
+            Err(AddressError::BadDomain(_) | AddressError::DomainTooLong(_)) => {
+                return Reply::relay_denied();
+            }
             Err(_) => return Reply::bad_recipient(),
         };
         // A quoted local part holding `@` is an old relay trick; no mailbox
@@ -43,7 +49,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if addr.local.contains('@') {
             return Reply::unknown_user();
         }
-        let route = match self.ctx.directory.resolve(&addr, self.ctx.delimiter, &self.ctx.static_rules).await {
+        let route = match self
+            .ctx
+            .directory
+            .resolve(&addr, self.ctx.delimiter, &self.ctx.static_rules)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(rcpt = %addr, error = %e, "directory lookup failed");

@@ -66,7 +66,11 @@ impl Reply {
         Reply::new(421, "4.7.0", "Too many connections, try again later")
     }
     pub fn too_many_from_ip() -> Reply {
-        Reply::new(421, "4.7.0", "Too many connections from your address, try again later")
+        Reply::new(
+            421,
+            "4.7.0",
+            "Too many connections from your address, try again later",
+        )
     }
     pub fn too_many_errors() -> Reply {
         Reply::new(421, "4.7.0", "Too many errors, closing connection")
@@ -99,14 +103,26 @@ impl Reply {
         Reply::new(503, "5.5.1", text)
     }
     pub fn unsupported_parameter(param: &str) -> Reply {
-        let p: String = param.chars().filter(|c| c.is_ascii_graphic()).take(32).collect();
+        let p: String = param
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(32)
+            .collect();
         Reply::new(555, "5.5.4", format!("Unsupported parameter {p}"))
     }
     pub fn help() -> Reply {
-        Reply::new(214, "2.0.0", "See RFC 5321; letterbox accepts mail for its own domains only")
+        Reply::new(
+            214,
+            "2.0.0",
+            "See RFC 5321; letterbox accepts mail for its own domains only",
+        )
     }
     pub fn vrfy() -> Reply {
-        Reply::new(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+        Reply::new(
+            252,
+            "2.5.0",
+            "Cannot VRFY user, but will accept message and attempt delivery",
+        )
     }
     pub fn expn_refused() -> Reply {
         Reply::new(502, "5.5.1", "EXPN not available")
@@ -133,10 +149,18 @@ impl Reply {
         Reply::new(501, "5.1.7", "Bad sender address syntax")
     }
     pub fn message_too_big_declared() -> Reply {
-        Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        Reply::new(
+            552,
+            "5.3.4",
+            "Message size exceeds fixed maximum message size",
+        )
     }
     pub fn need_utf8() -> Reply {
-        Reply::new(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
+        Reply::new(
+            553,
+            "5.6.7",
+            "Non-ASCII address requires the SMTPUTF8 parameter",
+        )
     }
 
     // ---- RCPT ----
@@ -178,7 +202,11 @@ impl Reply {
         Reply::new(552, "5.3.4", "Message too big")
     }
     pub fn bare_lf() -> Reply {
-        Reply::new(550, "5.5.2", "Bare LF line endings are not allowed; use CRLF")
+        Reply::new(
+            550,
+            "5.5.2",
+            "Bare LF line endings are not allowed; use CRLF",
+        )
     }
     pub fn delivered(id: &str) -> Reply {
         Reply::new(250, "2.0.0", format!("Ok: delivered as {id}"))
@@ -194,8 +222,14 @@ mod tests {
 
     #[test]
     fn wire_form() {
-        assert_eq!(Reply::unknown_user().to_wire(), "550 5.1.1 No such user here\r\n");
-        assert_eq!(Reply::greeting("mx.example.org").to_wire(), "220 mx.example.org ESMTP letterbox\r\n");
+        assert_eq!(
+            Reply::unknown_user().to_wire(),
+            "550 5.1.1 No such user here\r\n"
+        );
+        assert_eq!(
+            Reply::greeting("mx.example.org").to_wire(),
+            "220 mx.example.org ESMTP letterbox\r\n"
+        );
         let multi = Reply {
             code: 250,
             status: "",

@@ -38,13 +38,19 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(config: Arc<Config>, directory: Directory, maildirs: Maildirs, sink: Sink) -> anyhow::Result<Context> {
+    pub fn new(
+        config: Arc<Config>,
+        directory: Directory,
+        maildirs: Maildirs,
+        sink: Sink,
+    ) -> anyhow::Result<Context> {
         let static_rules = config
             .sink
             .rules
             .iter()
             .map(|r| {
-                let pattern = address::sink_pattern(&r.pattern).map_err(|e| anyhow::anyhow!("sink.rules: {e}"))?;
+                let pattern = address::sink_pattern(&r.pattern)
+                    .map_err(|e| anyhow::anyhow!("sink.rules: {e}"))?;
                 Ok((pattern, r.ttl.unwrap_or(config.sink.default_ttl).0))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -217,12 +223,21 @@ impl Server {
 
 /// Tells an over-limit client why, without holding a slot.
 async fn refuse(mut stream: TcpStream, reply: Reply) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply.to_wire().as_bytes())).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.write_all(reply.to_wire().as_bytes()),
+    )
+    .await;
     let _ = stream.shutdown().await;
 }
 
 /// Runs one connection: a plaintext session, and a TLS one if it asks.
-pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, ip: IpAddr, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve_connection(
+    ctx: Arc<Context>,
+    stream: TcpStream,
+    ip: IpAddr,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let mut conn = Connection::new(ip);
     conn.rdns = ctx.start_rdns(ip);
     let session = Session::new(stream, ctx.clone(), conn, shutdown.clone());
@@ -233,7 +248,8 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, ip: IpAddr, 
     let Some(acceptor) = ctx.tls_acceptor() else {
         return Ok(());
     };
-    let handshake = tokio::time::timeout(ctx.config.smtp.command_timeout.0, acceptor.accept(stream)).await;
+    let handshake =
+        tokio::time::timeout(ctx.config.smtp.command_timeout.0, acceptor.accept(stream)).await;
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -246,7 +262,10 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, ip: IpAddr, 
     conn.tls = Some(format!(
         "{}:{}",
         state.protocol_version().map(tls_version).unwrap_or("TLS"),
-        state.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("unknown"),
+        state
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown"),
     ));
     Session::new(tls, ctx, conn, shutdown).run(false).await?;
     Ok(())

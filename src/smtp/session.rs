@@ -51,7 +51,11 @@ impl Connection {
     pub async fn rdns_name(&mut self) -> Option<String> {
         if self.rdns_name.is_none() {
             let name = match self.rdns.take() {
-                Some(h) => tokio::time::timeout(Duration::from_secs(5), h).await.ok().and_then(|r| r.ok()).flatten(),
+                Some(h) => tokio::time::timeout(Duration::from_secs(5), h)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten(),
                 None => None,
             };
             self.rdns_name = Some(name);
@@ -111,7 +115,12 @@ pub(super) enum Next {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub fn new(stream: S, ctx: Arc<Context>, conn: Connection, shutdown: CancellationToken) -> Session<S> {
+    pub fn new(
+        stream: S,
+        ctx: Arc<Context>,
+        conn: Connection,
+        shutdown: CancellationToken,
+    ) -> Session<S> {
         Session {
             stream,
             rbuf: BytesMut::with_capacity(1024),
@@ -252,7 +261,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Reads more input into `rbuf`, flushing pending replies first.
     /// Returns Ok(false) at end of stream.
-    pub(super) async fn fill(&mut self, timeout: Duration, watch_shutdown: bool) -> std::io::Result<Result<bool, Read>> {
+    pub(super) async fn fill(
+        &mut self,
+        timeout: Duration,
+        watch_shutdown: bool,
+    ) -> std::io::Result<Result<bool, Read>> {
         self.flush().await?;
         if self.rbuf.capacity() - self.rbuf.len() < 512 {
             self.rbuf.reserve(4096);
@@ -346,5 +359,8 @@ fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
 
 fn is_disconnect(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
 }

@@ -22,8 +22,10 @@ pub struct TestServer {
 
 /// A config for tests: temp paths, port 0, no DNS, no cache.
 pub fn test_config(tmp: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.hostname = "mx.example.org".into();
+    let mut c = Config {
+        hostname: "mx.example.org".into(),
+        ..Config::default()
+    };
     c.database.url = format!("sqlite://{}", tmp.join("letterbox.db").display());
     c.database.cache_ttl = letterbox::units::Duration::from_secs(0);
     c.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
@@ -40,11 +42,19 @@ impl TestServer {
         let tmp = tempfile::tempdir().unwrap();
         let mut config = test_config(tmp.path());
         tweak(&mut config);
-        let directory = Directory::connect(&config.database.url, 2, Duration::ZERO).await.unwrap();
+        let directory = Directory::connect(&config.database.url, 2, Duration::ZERO)
+            .await
+            .unwrap();
         directory.migrate().await.unwrap();
         directory.domain_add("example.org").await.unwrap();
-        directory.user_add("alice@example.org", Some('+'), None, 0).await.unwrap();
-        directory.user_add("bob@example.org", Some('+'), None, 0).await.unwrap();
+        directory
+            .user_add("alice@example.org", Some('+'), None, 0)
+            .await
+            .unwrap();
+        directory
+            .user_add("bob@example.org", Some('+'), None, 0)
+            .await
+            .unwrap();
         let running = letterbox::serve::start(config.clone()).await.unwrap();
         TestServer {
             addr: running.smtp_addrs[0],
@@ -136,12 +146,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Greeting, EHLO, MAIL, the RCPTs (each must be accepted) and DATA
     /// with `body` (already dot-stuffed, ending CRLF); returns the final reply.
     pub async fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &str) -> String {
-        self.cmd_prefix("EHLO client.example", "250-mx.example.org").await;
-        self.cmd(&format!("MAIL FROM:<{from}>"), "250 2.1.0 Sender ok").await;
+        self.cmd_prefix("EHLO client.example", "250-mx.example.org")
+            .await;
+        self.cmd(&format!("MAIL FROM:<{from}>"), "250 2.1.0 Sender ok")
+            .await;
         for r in rcpts {
-            self.cmd(&format!("RCPT TO:<{r}>"), "250 2.1.5 Recipient ok").await;
+            self.cmd(&format!("RCPT TO:<{r}>"), "250 2.1.5 Recipient ok")
+                .await;
         }
-        self.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+        self.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>")
+            .await;
         self.send(body.as_bytes()).await;
         self.send(b".\r\n").await;
         self.reply().await
