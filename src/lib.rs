@@ -14,6 +14,7 @@
 //! - [`directory`]: the SQL directory on SQLite, PostgreSQL or MySQL; admin changes and RCPT-time resolution.
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
+//! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`serve`]: `letterbox serve`, wiring the runtime together.
 //!
@@ -26,6 +27,7 @@ pub mod directory;
 pub mod envelope;
 pub mod password;
 pub mod serve;
+pub mod sink;
 pub mod spool;
 pub mod tls;
 pub mod units;
