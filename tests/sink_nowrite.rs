@@ -28,7 +28,10 @@ fn write_bytes() -> u64 {
 }
 
 fn listing(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Regular files (deleted or not) this process holds open.
@@ -46,7 +49,9 @@ async fn sink_messages_never_touch_the_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let db = TestDb::new(Backend::Sqlite, tmp.path()).await.unwrap();
     // A resolve cache, so requests after the first do not even read the db.
-    let directory = Directory::connect(&db.url, 2, Duration::from_secs(3600)).await.unwrap();
+    let directory = Directory::connect(&db.url, 2, Duration::from_secs(3600))
+        .await
+        .unwrap();
     directory.migrate().await.unwrap();
     directory.sink_add("*.tmp.example.org", 3600).await.unwrap();
     let sink = Sink::new(&SinkConfig::default(), 10 << 20);
@@ -58,31 +63,69 @@ async fn sink_messages_never_touch_the_disk() {
     let http = reqwest::Client::new();
     // Warm up: the directory connection, the resolve cache, the client.
     for n in 0..4 {
-        let r = http.get(format!("{base}/u{n}@a.tmp.example.org")).send().await.unwrap();
+        let r = http
+            .get(format!("{base}/u{n}@a.tmp.example.org"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
 
-    let before = (write_bytes(), listing(tmp.path()), listing(&std::env::temp_dir()), open_files());
+    let before = (
+        write_bytes(),
+        listing(tmp.path()),
+        listing(&std::env::temp_dir()),
+        open_files(),
+    );
     let body = "x".repeat(4000);
     for n in 0..1000 {
-        let raw = format!("From: a@example.net\r\nTo: u{}@a.tmp.example.org\r\nSubject: {n}\r\n\r\n{body}\r\n", n % 4);
-        sink.insert(&format!("u{}@a.tmp.example.org", n % 4), Duration::from_secs(3600), Bytes::from(raw)).unwrap();
+        let raw = format!(
+            "From: a@example.net\r\nTo: u{}@a.tmp.example.org\r\nSubject: {n}\r\n\r\n{body}\r\n",
+            n % 4
+        );
+        sink.insert(
+            &format!("u{}@a.tmp.example.org", n % 4),
+            Duration::from_secs(3600),
+            Bytes::from(raw),
+        )
+        .unwrap();
     }
     for n in 0..4 {
-        let list: serde_json::Value = http.get(format!("{base}/u{n}@a.tmp.example.org")).send().await.unwrap().json().await.unwrap();
+        let list: serde_json::Value = http
+            .get(format!("{base}/u{n}@a.tmp.example.org"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(list.as_array().unwrap().len(), 100);
         let id = list[0]["id"].as_str().unwrap();
         for tail in ["", "/source", "/html"] {
-            http.get(format!("{base}/u{n}@a.tmp.example.org/{id}{tail}")).send().await.unwrap().bytes().await.unwrap();
+            http.get(format!("{base}/u{n}@a.tmp.example.org/{id}{tail}"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
         }
     }
-    let after = (write_bytes(), listing(tmp.path()), listing(&std::env::temp_dir()), open_files());
+    let after = (
+        write_bytes(),
+        listing(tmp.path()),
+        listing(&std::env::temp_dir()),
+        open_files(),
+    );
 
     assert_eq!(before.0, after.0, "write_bytes grew");
     assert_eq!(before.1, after.1, "the test's directory changed");
     let new_in_tmp: Vec<_> = after.2.difference(&before.2).collect();
     let new_open: Vec<_> = after.3.difference(&before.3).collect();
-    assert!(new_open.is_empty(), "files opened: {new_open:?}; new in temp dir: {new_in_tmp:?}");
+    assert!(
+        new_open.is_empty(),
+        "files opened: {new_open:?}; new in temp dir: {new_in_tmp:?}"
+    );
     assert_eq!(sink.usage().1, 400);
     shutdown.cancel();
     server.await.unwrap().unwrap();

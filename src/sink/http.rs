@@ -76,7 +76,12 @@ impl IntoResponse for ApiError {
 impl Sink {
     /// The HTTP app. Coverage of an address is decided by the directory
     /// (Route::Sink).
-    pub fn router(&self, directory: Directory, delimiter: Option<char>, static_rules: Arc<Vec<(String, Duration)>>) -> Router {
+    pub fn router(
+        &self,
+        directory: Directory,
+        delimiter: Option<char>,
+        static_rules: Arc<Vec<(String, Duration)>>,
+    ) -> Router {
         let app = Arc::new(App {
             sink: self.clone(),
             directory,
@@ -92,7 +97,10 @@ impl Sink {
             .route(&format!("{mailbox}/{{id}}"), get(detail).delete(delete))
             .route(&format!("{mailbox}/{{id}}/source"), get(source))
             .route(&format!("{mailbox}/{{id}}/html"), get(html))
-            .route(&format!("{mailbox}/{{id}}/attachments/{{index}}"), get(attachment))
+            .route(
+                &format!("{mailbox}/{{id}}/attachments/{{index}}"),
+                get(attachment),
+            )
             .fallback(|| async { ApiError::not_found("no such endpoint") })
             .layer(axum::middleware::map_response(common_headers))
             .with_state(app)
@@ -100,7 +108,12 @@ impl Sink {
 
     /// Serves `router` on `listener` until `shutdown` is cancelled (axum::serve
     /// with graceful shutdown). Open SSE streams and waits end at shutdown.
-    pub async fn serve(self, listener: tokio::net::TcpListener, router: Router, shutdown: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        router: Router,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<()> {
         let closing = self.closing();
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
@@ -115,18 +128,31 @@ impl Sink {
 async fn common_headers(mut response: Response) -> Response {
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     response
 }
 
 /// The sink mailbox named by a path segment, or why not.
 async fn mailbox(app: &App, address: &str) -> Result<String, ApiError> {
     let addr = Address::from_smtp(address).map_err(ApiError::bad_request)?;
-    let route = app.directory.resolve(&addr, app.delimiter, &app.static_rules).await.map_err(|e| {
-        tracing::error!(error = %e, "sink: directory lookup failed");
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, "directory unavailable".into())
-    })?;
+    let route = app
+        .directory
+        .resolve(&addr, app.delimiter, &app.static_rules)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "sink: directory lookup failed");
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "directory unavailable".into(),
+            )
+        })?;
     match *route {
         Route::Sink { .. } => Ok(addr.to_string()),
         _ => Err(ApiError::not_found("no such sink mailbox")),
@@ -135,7 +161,9 @@ async fn mailbox(app: &App, address: &str) -> Result<String, ApiError> {
 
 async fn message(app: &App, address: &str, id: &str) -> Result<Arc<Message>, ApiError> {
     let mailbox = mailbox(app, address).await?;
-    app.sink.get(&mailbox, id).ok_or_else(|| ApiError::not_found("no such message"))
+    app.sink
+        .get(&mailbox, id)
+        .ok_or_else(|| ApiError::not_found("no such message"))
 }
 
 fn images(query: &HashMap<String, String>) -> bool {
@@ -151,15 +179,26 @@ async fn page() -> Response {
          frame-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     );
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_str(&csp).expect("hex nonce"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_str(&csp).expect("hex nonce"),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     (headers, PAGE.replace("{{NONCE}}", &nonce)).into_response()
 }
 
 async fn list(State(app): Shared, Path(address): Path<String>) -> Result<Response, ApiError> {
     let mailbox = mailbox(&app, &address).await?;
-    let summaries: Vec<_> = app.sink.list(&mailbox).iter().map(|m| m.summary()).collect();
+    let summaries: Vec<_> = app
+        .sink
+        .list(&mailbox)
+        .iter()
+        .map(|m| m.summary())
+        .collect();
     Ok(Json(summaries).into_response())
 }
 
@@ -169,12 +208,19 @@ async fn clear(State(app): Shared, Path(address): Path<String>) -> Result<Status
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn detail(State(app): Shared, Path((address, id)): Path<(String, String)>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+async fn detail(
+    State(app): Shared,
+    Path((address, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     let m = message(&app, &address, &id).await?;
     Ok(Json(m.detail(images(&q))).into_response())
 }
 
-async fn delete(State(app): Shared, Path((address, id)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+async fn delete(
+    State(app): Shared,
+    Path((address, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     let mailbox = mailbox(&app, &address).await?;
     if app.sink.delete(&mailbox, &id) {
         Ok(StatusCode::NO_CONTENT)
@@ -183,33 +229,61 @@ async fn delete(State(app): Shared, Path((address, id)): Path<(String, String)>)
     }
 }
 
-async fn source(State(app): Shared, Path((address, id)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn source(
+    State(app): Shared,
+    Path((address, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let m = message(&app, &address, &id).await?;
     let headers = [
-        (header::CONTENT_TYPE, HeaderValue::from_static("message/rfc822")),
-        (header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(DOWNLOAD_CSP)),
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("message/rfc822"),
+        ),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(DOWNLOAD_CSP),
+        ),
     ];
     Ok((headers, m.raw.clone()).into_response())
 }
 
-async fn html(State(app): Shared, Path((address, id)): Path<(String, String)>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+async fn html(
+    State(app): Shared,
+    Path((address, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     let m = message(&app, &address, &id).await?;
     let images = images(&q);
-    let body = m.html(images).ok_or_else(|| ApiError::not_found("the message has no HTML body"))?;
+    let body = m
+        .html(images)
+        .ok_or_else(|| ApiError::not_found("the message has no HTML body"))?;
     let document = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\"></head><body>{body}</body></html>\n"
     );
     let headers = [
-        (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
-        (header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(if images { HTML_CSP_IMAGES } else { HTML_CSP })),
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        ),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(if images { HTML_CSP_IMAGES } else { HTML_CSP }),
+        ),
     ];
     Ok((headers, document).into_response())
 }
 
-async fn attachment(State(app): Shared, Path((address, id, index)): Path<(String, String, String)>) -> Result<Response, ApiError> {
+async fn attachment(
+    State(app): Shared,
+    Path((address, id, index)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
     let m = message(&app, &address, &id).await?;
-    let index: usize = index.parse().map_err(|_| ApiError::not_found("no such attachment"))?;
-    let a = m.attachment(index).ok_or_else(|| ApiError::not_found("no such attachment"))?;
+    let index: usize = index
+        .parse()
+        .map_err(|_| ApiError::not_found("no such attachment"))?;
+    let a = m
+        .attachment(index)
+        .ok_or_else(|| ApiError::not_found("no such attachment"))?;
     let content_type = HeaderValue::from_str(&a.content_type)
         .ok()
         .filter(|_| is_mime_type(&a.content_type))
@@ -217,16 +291,29 @@ async fn attachment(State(app): Shared, Path((address, id, index)): Path<(String
     let disposition = content_disposition(a.filename.as_deref().unwrap_or(""));
     let headers = [
         (header::CONTENT_TYPE, content_type),
-        (header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).expect("ASCII by construction")),
-        (header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(DOWNLOAD_CSP)),
+        (
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_str(&disposition).expect("ASCII by construction"),
+        ),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(DOWNLOAD_CSP),
+        ),
     ];
     Ok((headers, a.contents).into_response())
 }
 
 /// `type/subtype` of RFC 6838 restricted-name characters only.
 fn is_mime_type(value: &str) -> bool {
-    let name = |s: &str| !s.is_empty() && s.len() <= 127 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b));
-    value.split_once('/').is_some_and(|(t, s)| name(t) && name(s))
+    let name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 127
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    value
+        .split_once('/')
+        .is_some_and(|(t, s)| name(t) && name(s))
 }
 
 /// `attachment; filename="…"; filename*=UTF-8''…` (RFC 6266): a plain ASCII
@@ -239,7 +326,13 @@ pub fn content_disposition(filename: &str) -> String {
     let base = if base.is_empty() { "attachment" } else { base };
     let ascii: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || " .-_()+,".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " .-_()+,".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let mut encoded = String::new();
     for b in base.bytes() {
@@ -280,12 +373,21 @@ async fn events(State(app): Shared, Path(address): Path<String>) -> Result<Respo
     let stream = arrivals(app.sink.clone(), mailbox)
         .take_until(app.sink.closing().cancelled_owned())
         .map(|m| {
-            let event = Event::default().event("message").id(m.id.clone()).json_data(m.summary()).unwrap_or_else(|_| Event::default());
+            let event = Event::default()
+                .event("message")
+                .id(m.id.clone())
+                .json_data(m.summary())
+                .unwrap_or_else(|_| Event::default());
             Ok::<_, Infallible>(event)
         });
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response();
     // Tell buffering proxies to pass events straight through.
-    response.headers_mut().insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+    response.headers_mut().insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
     Ok(response)
 }
 
@@ -294,7 +396,10 @@ fn wait_timeout(query: &HashMap<String, String>) -> Result<Duration, ApiError> {
     let Some(value) = query.get("timeout") else {
         return Ok(DEFAULT_WAIT);
     };
-    let secs: f64 = value.trim().parse().map_err(|_| ApiError::bad_request("timeout must be a number of seconds"))?;
+    let secs: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::bad_request("timeout must be a number of seconds"))?;
     if !secs.is_finite() || secs < 0.0 {
         return Err(ApiError::bad_request("timeout must be a number of seconds"));
     }
@@ -305,11 +410,18 @@ fn wait_timeout(query: &HashMap<String, String>) -> Result<Duration, ApiError> {
 /// 204 on timeout. With `?after=<id>`, a message that arrived after `<id>`
 /// and is already held answers at once, so a script cannot miss a mail
 /// that came between two calls.
-async fn wait(State(app): Shared, Path(address): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+async fn wait(
+    State(app): Shared,
+    Path(address): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     let timeout = wait_timeout(&q)?;
     let mailbox = mailbox(&app, &address).await?;
     let mut arrivals = Box::pin(arrivals(app.sink.clone(), mailbox.clone()));
-    if let Some(next) = q.get("after").and_then(|after| app.sink.next_after(&mailbox, after)) {
+    if let Some(next) = q
+        .get("after")
+        .and_then(|after| app.sink.next_after(&mailbox, after))
+    {
         return Ok(Json(next.summary()).into_response());
     }
     let closing = app.sink.closing();
@@ -328,7 +440,10 @@ mod tests {
 
     #[test]
     fn content_disposition_is_safe() {
-        assert_eq!(content_disposition("report.pdf"), "attachment; filename=\"report.pdf\"; filename*=UTF-8''report.pdf");
+        assert_eq!(
+            content_disposition("report.pdf"),
+            "attachment; filename=\"report.pdf\"; filename*=UTF-8''report.pdf"
+        );
         assert_eq!(
             content_disposition("../../etc/pass\"wd\r\n.txt"),
             "attachment; filename=\"pass_wd.txt\"; filename*=UTF-8''pass%22wd.txt"
@@ -337,8 +452,14 @@ mod tests {
             content_disposition("Grüße; x=1.txt"),
             "attachment; filename=\"Gr__e_ x_1.txt\"; filename*=UTF-8''Gr%C3%BC%C3%9Fe%3B%20x%3D1.txt"
         );
-        assert_eq!(content_disposition("C:\\x\\..."), "attachment; filename=\"attachment\"; filename*=UTF-8''attachment");
-        assert_eq!(content_disposition(""), "attachment; filename=\"attachment\"; filename*=UTF-8''attachment");
+        assert_eq!(
+            content_disposition("C:\\x\\..."),
+            "attachment; filename=\"attachment\"; filename*=UTF-8''attachment"
+        );
+        assert_eq!(
+            content_disposition(""),
+            "attachment; filename=\"attachment\"; filename*=UTF-8''attachment"
+        );
     }
 
     #[test]
@@ -357,7 +478,11 @@ mod tests {
         assert_eq!(wait_timeout(&q("0.5")).unwrap(), Duration::from_millis(500));
         assert_eq!(wait_timeout(&q("100000")).unwrap(), MAX_WAIT);
         for bad in ["", "x", "-1", "NaN", "inf"] {
-            assert_eq!(wait_timeout(&q(bad)).unwrap_err().0, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(
+                wait_timeout(&q(bad)).unwrap_err().0,
+                StatusCode::BAD_REQUEST,
+                "{bad}"
+            );
         }
     }
 }

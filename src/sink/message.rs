@@ -92,8 +92,14 @@ fn content_type(part: &mail_parser::MessagePart<'_>) -> String {
 fn summary_of(stored: &Message, parsed: Option<&mail_parser::Message<'_>>) -> Summary {
     Summary {
         id: stored.id.clone(),
-        from: parsed.and_then(|m| m.from()).and_then(|a| a.first()).and_then(format_addr),
-        to: parsed.and_then(|m| m.to()).map(|a| a.iter().filter_map(format_addr).collect()).unwrap_or_default(),
+        from: parsed
+            .and_then(|m| m.from())
+            .and_then(|a| a.first())
+            .and_then(format_addr),
+        to: parsed
+            .and_then(|m| m.to())
+            .map(|a| a.iter().filter_map(format_addr).collect())
+            .unwrap_or_default(),
         subject: parsed.and_then(|m| m.subject()).map(str::to_string),
         date: parsed.and_then(|m| m.date()).map(|d| d.to_rfc3339()),
         size: stored.raw.len(),
@@ -142,10 +148,17 @@ impl Message {
             .iter()
             .map(|h| Header {
                 name: h.name().to_string(),
-                value: unfold(raw.get(h.offset_start() as usize..h.offset_end() as usize).unwrap_or_default()),
+                value: unfold(
+                    raw.get(h.offset_start() as usize..h.offset_end() as usize)
+                        .unwrap_or_default(),
+                ),
             })
             .collect();
-        let html = m.html_part(0).filter(|p| p.is_text_html()).and_then(|p| p.text_contents()).map(|h| sanitize::clean(h, images));
+        let html = m
+            .html_part(0)
+            .filter(|p| p.is_text_html())
+            .and_then(|p| p.text_contents())
+            .map(|h| sanitize::clean(h, images));
         let text = m.body_text(0).map(Cow::into_owned);
         let attachments = m
             .attachments()
@@ -207,7 +220,12 @@ mod tests {
         let sink = Sink::new(&SinkConfig::default(), 1 << 20);
         let raw = fixture();
         let size = raw.len();
-        sink.insert("a@x.tmp.example.org", Duration::from_secs(3600), raw.clone()).unwrap();
+        sink.insert(
+            "a@x.tmp.example.org",
+            Duration::from_secs(3600),
+            raw.clone(),
+        )
+        .unwrap();
         let stored = sink.list("a@x.tmp.example.org").remove(0);
         // Stored exactly as handed over.
         assert_eq!(stored.raw, raw);
@@ -216,15 +234,27 @@ mod tests {
         assert_eq!(s.id, stored.id);
         assert_eq!(s.from.as_deref(), Some("test@example.com"));
         assert_eq!(s.to, ["test@example.com"]);
-        assert_eq!(s.subject.as_deref(), Some("29 (HTML + embedded image) + attachment"));
+        assert_eq!(
+            s.subject.as_deref(),
+            Some("29 (HTML + embedded image) + attachment")
+        );
         assert_eq!(s.date.as_deref(), Some("2017-12-30T20:19:46+01:00"));
         assert_eq!(s.size, size);
 
         let d = stored.detail(false);
         assert_eq!(d.summary, s);
-        assert_eq!(d.headers[0], Header { name: "To".into(), value: "test@example.com".into() });
+        assert_eq!(
+            d.headers[0],
+            Header {
+                name: "To".into(),
+                value: "test@example.com".into()
+            }
+        );
         let ua = d.headers.iter().find(|h| h.name == "User-Agent").unwrap();
-        assert_eq!(ua.value, "Mozilla/5.0 (Windows NT 6.1; Win64; x64; rv:59.0) Gecko/20100101 Thunderbird/59.0a1");
+        assert_eq!(
+            ua.value,
+            "Mozilla/5.0 (Windows NT 6.1; Win64; x64; rv:59.0) Gecko/20100101 Thunderbird/59.0a1"
+        );
         assert_eq!(d.headers.len(), 9);
         assert_eq!(
             d.attachments,
@@ -258,7 +288,12 @@ mod tests {
     #[tokio::test]
     async fn a_message_without_headers_still_shows() {
         let sink = Sink::new(&SinkConfig::default(), 1 << 20);
-        sink.insert("a@x.tmp.example.org", Duration::from_secs(3600), Bytes::from_static(b"just text\r\n")).unwrap();
+        sink.insert(
+            "a@x.tmp.example.org",
+            Duration::from_secs(3600),
+            Bytes::from_static(b"just text\r\n"),
+        )
+        .unwrap();
         let stored = sink.list("a@x.tmp.example.org").remove(0);
         let d = stored.detail(false);
         assert_eq!(d.summary.subject, None);

@@ -69,7 +69,8 @@ const STYLE_PROPERTIES: &[&str] = &[
 /// A URL scheme no message can use (ammonia drops unknown schemes before
 /// our filter runs), marking an image to rewrite after serialization. The
 /// random part keeps it out of anything a sender could predict.
-static MARKER: LazyLock<String> = LazyLock::new(|| format!("x-lb-blocked-{:016x}:", rand::random::<u64>()));
+static MARKER: LazyLock<String> =
+    LazyLock::new(|| format!("x-lb-blocked-{:016x}:", rand::random::<u64>()));
 
 /// Leading characters a browser ignores in a URL, and tab/newline which it
 /// drops anywhere: what the scheme check must see through.
@@ -89,7 +90,14 @@ pub fn clean(html: &str, images: bool) -> String {
     let marker: &'static str = MARKER.as_str();
     let mut builder = Builder::default();
     builder
-        .url_schemes(HashSet::from(["http", "https", "mailto", "data", "cid", marker.trim_end_matches(':')]))
+        .url_schemes(HashSet::from([
+            "http",
+            "https",
+            "mailto",
+            "data",
+            "cid",
+            marker.trim_end_matches(':'),
+        ]))
         // `//host/x` would be a remote load without a scheme.
         .url_relative(UrlRelative::Deny)
         .link_rel(Some("noopener noreferrer"))
@@ -104,7 +112,11 @@ pub fn clean(html: &str, images: bool) -> String {
                     if key.starts_with("data:image/") || key.starts_with("cid:") {
                         Some(value.into())
                     } else if key.starts_with("http:") || key.starts_with("https:") {
-                        if images { Some(value.into()) } else { Some(format!("{marker}{value}").into()) }
+                        if images {
+                            Some(value.into())
+                        } else {
+                            Some(format!("{marker}{value}").into())
+                        }
                     } else {
                         None
                     }
@@ -119,7 +131,9 @@ pub fn clean(html: &str, images: bool) -> String {
                         .split(';')
                         .filter(|d| {
                             let d = d.to_ascii_lowercase();
-                            !["url(", "image", "expression", "\\"].iter().any(|bad| d.contains(bad))
+                            !["url(", "image", "expression", "\\"]
+                                .iter()
+                                .any(|bad| d.contains(bad))
                         })
                         .collect::<Vec<_>>()
                         .join(";")
@@ -131,7 +145,10 @@ pub fn clean(html: &str, images: bool) -> String {
     let cleaned = builder.clean(html).to_string();
     // Attribute values come out with `"` escaped, so the marker can only
     // start a src value we wrote.
-    cleaned.replace(&format!(" src=\"{marker}"), &format!(" src=\"{PLACEHOLDER}\" data-blocked=\"remote\" data-src=\""))
+    cleaned.replace(
+        &format!(" src=\"{marker}"),
+        &format!(" src=\"{PLACEHOLDER}\" data-blocked=\"remote\" data-src=\""),
+    )
 }
 
 #[cfg(test)]
@@ -140,15 +157,30 @@ mod tests {
 
     #[test]
     fn scripts_go_with_their_content() {
-        assert_eq!(clean("<p>hi</p><script>alert(1)</script><SCRIPT src=x></SCRIPT>", false), "<p>hi</p>");
+        assert_eq!(
+            clean(
+                "<p>hi</p><script>alert(1)</script><SCRIPT src=x></SCRIPT>",
+                false
+            ),
+            "<p>hi</p>"
+        );
         assert_eq!(clean("<svg><script>alert(1)</script></svg>ok", false), "ok");
-        assert_eq!(clean("<iframe src=\"https://evil\"></iframe><object data=x></object>x", false), "x");
+        assert_eq!(
+            clean(
+                "<iframe src=\"https://evil\"></iframe><object data=x></object>x",
+                false
+            ),
+            "x"
+        );
     }
 
     #[test]
     fn event_handlers_are_dropped() {
         assert_eq!(
-            clean("<img src=\"data:image/png;base64,AA\" onerror=\"alert(1)\"><b onclick=alert(1) onmouseover='x'>b</b>", false),
+            clean(
+                "<img src=\"data:image/png;base64,AA\" onerror=\"alert(1)\"><b onclick=alert(1) onmouseover='x'>b</b>",
+                false
+            ),
             "<img src=\"data:image/png;base64,AA\"><b>b</b>"
         );
     }
@@ -156,18 +188,25 @@ mod tests {
     #[test]
     fn javascript_and_data_links_are_dropped() {
         assert_eq!(
-            clean("<a href=\"javascript:alert(1)\">a</a><a href=\" JaVa\tScRiPt:alert(1)\">b</a><a href=\"data:text/html,x\">c</a>", false),
+            clean(
+                "<a href=\"javascript:alert(1)\">a</a><a href=\" JaVa\tScRiPt:alert(1)\">b</a><a href=\"data:text/html,x\">c</a>",
+                false
+            ),
             "<a rel=\"noopener noreferrer\">a</a><a rel=\"noopener noreferrer\">b</a><a rel=\"noopener noreferrer\">c</a>"
         );
         assert_eq!(
-            clean("<a href=\"https://example.org/x?a=1&amp;b=2\">ok</a>", false),
+            clean(
+                "<a href=\"https://example.org/x?a=1&amp;b=2\">ok</a>",
+                false
+            ),
             "<a href=\"https://example.org/x?a=1&amp;b=2\" rel=\"noopener noreferrer\">ok</a>"
         );
     }
 
     #[test]
     fn remote_images_are_blocked_and_restorable() {
-        let html = "<img src=\"https://tracker.example/p.gif?u=1&amp;v=2\" alt=\"logo\" width=\"10\">";
+        let html =
+            "<img src=\"https://tracker.example/p.gif?u=1&amp;v=2\" alt=\"logo\" width=\"10\">";
         assert_eq!(
             clean(html, false),
             format!(
@@ -176,41 +215,77 @@ mod tests {
         );
         assert_eq!(clean(html, true), html);
         // Spelled differently, still remote.
-        assert!(clean("<img src=\" HTTP://x.example/a\">", false).contains("data-src=\" HTTP://x.example/a\""));
+        assert!(
+            clean("<img src=\" HTTP://x.example/a\">", false)
+                .contains("data-src=\" HTTP://x.example/a\"")
+        );
         // Scheme-relative and srcset are no way around it.
         assert_eq!(clean("<img src=\"//x.example/a\">", false), "<img>");
-        assert_eq!(clean("<img srcset=\"https://x.example/a 1x\">", false), "<img>");
+        assert_eq!(
+            clean("<img srcset=\"https://x.example/a 1x\">", false),
+            "<img>"
+        );
         // Inline images stay.
-        assert_eq!(clean("<img src=\"cid:part1@x\">", false), "<img src=\"cid:part1@x\">");
+        assert_eq!(
+            clean("<img src=\"cid:part1@x\">", false),
+            "<img src=\"cid:part1@x\">"
+        );
     }
 
     #[test]
     fn the_marker_cannot_be_forged() {
-        let forged = format!("<img src=\"{}javascript:alert(1)\"><a href=\"{}x\">x</a>", *MARKER, *MARKER);
-        assert_eq!(clean(&forged, false), "<img><a rel=\"noopener noreferrer\">x</a>");
+        let forged = format!(
+            "<img src=\"{}javascript:alert(1)\"><a href=\"{}x\">x</a>",
+            *MARKER, *MARKER
+        );
+        assert_eq!(
+            clean(&forged, false),
+            "<img><a rel=\"noopener noreferrer\">x</a>"
+        );
         // In text it is text: at worst altered, never markup.
         let text = format!("<p> src=\"{}x</p>", *MARKER);
-        assert_eq!(clean(&text, false), format!("<p> src=\"{PLACEHOLDER}\" data-blocked=\"remote\" data-src=\"x</p>"));
+        assert_eq!(
+            clean(&text, false),
+            format!("<p> src=\"{PLACEHOLDER}\" data-blocked=\"remote\" data-src=\"x</p>")
+        );
     }
 
     #[test]
     fn styles_are_safe() {
-        assert_eq!(clean("<style>body{background:url(https://x)}</style><p>x</p>", false), "<p>x</p>");
         assert_eq!(
-            clean("<p style=\"color: red; background: url(https://t.example/x); position: fixed; font-weight: bold\">x</p>", false),
+            clean(
+                "<style>body{background:url(https://x)}</style><p>x</p>",
+                false
+            ),
+            "<p>x</p>"
+        );
+        assert_eq!(
+            clean(
+                "<p style=\"color: red; background: url(https://t.example/x); position: fixed; font-weight: bold\">x</p>",
+                false
+            ),
             "<p style=\"color:red;font-weight:bold\">x</p>"
         );
         assert_eq!(
-            clean("<p style=\"background-color: url(https://t.example/x); behavior: url(x.htc)\">x</p>", false),
+            clean(
+                "<p style=\"background-color: url(https://t.example/x); behavior: url(x.htc)\">x</p>",
+                false
+            ),
             "<p style=\"\">x</p>"
         );
-        assert_eq!(clean("<link rel=stylesheet href=https://x/s.css><p>x</p>", false), "<p>x</p>");
+        assert_eq!(
+            clean("<link rel=stylesheet href=https://x/s.css><p>x</p>", false),
+            "<p>x</p>"
+        );
     }
 
     #[test]
     fn document_chrome_is_dropped() {
         assert_eq!(
-            clean("<html><head><title>T</title><meta http-equiv=refresh content=\"0;url=https://x\"><base href=\"https://x/\"></head><body><p>b</p></body></html>", false),
+            clean(
+                "<html><head><title>T</title><meta http-equiv=refresh content=\"0;url=https://x\"><base href=\"https://x/\"></head><body><p>b</p></body></html>",
+                false
+            ),
             "<p>b</p>"
         );
     }

@@ -138,7 +138,9 @@ impl Sink {
         });
         tokio::spawn(purge_task(shared.clone()));
         Sink {
-            _guard: Arc::new(DropGuard { shared: shared.clone() }),
+            _guard: Arc::new(DropGuard {
+                shared: shared.clone(),
+            }),
             shared,
         }
     }
@@ -151,7 +153,8 @@ impl Sink {
     pub fn insert(&self, mailbox: &str, ttl: Duration, raw: Bytes) -> Result<(), SinkFull> {
         let limits = self.shared.limits;
         let size = raw.len() as u64;
-        if size > limits.max_message_size || size > limits.max_bytes || limits.max_per_mailbox == 0 {
+        if size > limits.max_message_size || size > limits.max_bytes || limits.max_per_mailbox == 0
+        {
             return Err(SinkFull);
         }
         let mailbox = mailbox.to_lowercase();
@@ -160,7 +163,8 @@ impl Sink {
         // A TTL beyond what the clocks can represent is as good as forever.
         let ttl = ttl.min(Duration::from_secs(100 * 365 * 86_400));
         let deadline = now + ttl;
-        let expires_at = received_at + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let expires_at =
+            received_at + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
 
         let (arrival, wake) = {
             let mut state = self.shared.state.lock().unwrap();
@@ -177,7 +181,11 @@ impl Sink {
                 }
                 WhenFull::Evict => {
                     // The mailbox's own oldest make room under its count cap…
-                    while let Some(queue) = state.mailboxes.get(&key).filter(|q| q.len() >= limits.max_per_mailbox) {
+                    while let Some(queue) = state
+                        .mailboxes
+                        .get(&key)
+                        .filter(|q| q.len() >= limits.max_per_mailbox)
+                    {
                         let seq = queue.front().map(|m| m.seq);
                         match seq {
                             Some(seq) => state.remove(seq),
@@ -186,7 +194,9 @@ impl Sink {
                     }
                     // …and the globally oldest under the byte cap.
                     while state.bytes + size > limits.max_bytes {
-                        let Some((&seq, _)) = state.order.first_key_value() else { break };
+                        let Some((&seq, _)) = state.order.first_key_value() else {
+                            break;
+                        };
                         state.remove(seq);
                     }
                 }
@@ -196,11 +206,18 @@ impl Sink {
             let id = loop {
                 let id = format!("{:016x}", rand::random::<u64>());
                 // Unique within the mailbox, which is how ids are looked up.
-                if !state.mailboxes.get(&key).is_some_and(|q| q.iter().any(|m| m.id == id)) {
+                if !state
+                    .mailboxes
+                    .get(&key)
+                    .is_some_and(|q| q.iter().any(|m| m.id == id))
+                {
                     break id;
                 }
             };
-            let wake = state.expirations.first().is_none_or(|&(first, _)| deadline < first);
+            let wake = state
+                .expirations
+                .first()
+                .is_none_or(|&(first, _)| deadline < first);
             let message = Arc::new(Message {
                 seq,
                 id: id.clone(),
@@ -212,8 +229,18 @@ impl Sink {
             state.bytes += size;
             state.order.insert(seq, key.clone());
             state.expirations.insert((deadline, seq));
-            state.mailboxes.entry(key.clone()).or_default().push_back(message);
-            (Arrival { mailbox: key, id: id.into() }, wake)
+            state
+                .mailboxes
+                .entry(key.clone())
+                .or_default()
+                .push_back(message);
+            (
+                Arrival {
+                    mailbox: key,
+                    id: id.into(),
+                },
+                wake,
+            )
         };
         if wake {
             self.shared.purge.notify_one();
@@ -234,7 +261,10 @@ impl Sink {
             return true;
         }
         let state = self.shared.state.lock().unwrap();
-        let held = state.mailboxes.get(mailbox.to_lowercase().as_str()).map_or(0, VecDeque::len);
+        let held = state
+            .mailboxes
+            .get(mailbox.to_lowercase().as_str())
+            .map_or(0, VecDeque::len);
         held < limits.max_per_mailbox && state.bytes < limits.max_bytes
     }
 
@@ -247,13 +277,22 @@ impl Sink {
     /// The mailbox's messages, newest first.
     pub(crate) fn list(&self, mailbox: &str) -> Vec<Arc<Message>> {
         let state = self.shared.state.lock().unwrap();
-        state.mailboxes.get(mailbox).map(|q| q.iter().rev().cloned().collect()).unwrap_or_default()
+        state
+            .mailboxes
+            .get(mailbox)
+            .map(|q| q.iter().rev().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// One message of the mailbox.
     pub(crate) fn get(&self, mailbox: &str, id: &str) -> Option<Arc<Message>> {
         let state = self.shared.state.lock().unwrap();
-        state.mailboxes.get(mailbox)?.iter().find(|m| m.id == id).cloned()
+        state
+            .mailboxes
+            .get(mailbox)?
+            .iter()
+            .find(|m| m.id == id)
+            .cloned()
     }
 
     /// The oldest message of the mailbox received after message `id`, when
@@ -268,7 +307,11 @@ impl Sink {
     /// Removes one message; false when there was none.
     pub(crate) fn delete(&self, mailbox: &str, id: &str) -> bool {
         let mut state = self.shared.state.lock().unwrap();
-        let seq = state.mailboxes.get(mailbox).and_then(|q| q.iter().find(|m| m.id == id)).map(|m| m.seq);
+        let seq = state
+            .mailboxes
+            .get(mailbox)
+            .and_then(|q| q.iter().find(|m| m.id == id))
+            .map(|m| m.seq);
         match seq {
             Some(seq) => {
                 state.remove(seq);
@@ -281,7 +324,11 @@ impl Sink {
     /// Empties the mailbox.
     pub(crate) fn clear(&self, mailbox: &str) {
         let mut state = self.shared.state.lock().unwrap();
-        let seqs: Vec<u64> = state.mailboxes.get(mailbox).map(|q| q.iter().map(|m| m.seq).collect()).unwrap_or_default();
+        let seqs: Vec<u64> = state
+            .mailboxes
+            .get(mailbox)
+            .map(|q| q.iter().map(|m| m.seq).collect())
+            .unwrap_or_default();
         for seq in seqs {
             state.remove(seq);
         }
@@ -309,7 +356,9 @@ impl State {
         let message = queue.remove(at)?;
         if queue.is_empty() {
             self.mailboxes.remove(&mailbox);
-            if self.mailboxes.capacity() > 64 && self.mailboxes.len() < self.mailboxes.capacity() / 4 {
+            if self.mailboxes.capacity() > 64
+                && self.mailboxes.len() < self.mailboxes.capacity() / 4
+            {
                 self.mailboxes.shrink_to_fit();
             }
         } else if queue.capacity() > 16 && queue.len() < queue.capacity() / 4 {
@@ -384,7 +433,13 @@ mod tests {
     fn subjects(sink: &Sink, mailbox: &str) -> Vec<String> {
         sink.list(mailbox)
             .iter()
-            .map(|m| String::from_utf8_lossy(&m.raw[9..]).split('\r').next().unwrap().to_string())
+            .map(|m| {
+                String::from_utf8_lossy(&m.raw[9..])
+                    .split('\r')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
             .collect()
     }
 
@@ -393,11 +448,15 @@ mod tests {
     #[tokio::test]
     async fn global_byte_cap_evicts_the_globally_oldest() {
         let sink = Sink::new(&config(300, 100, WhenFull::Evict), 1000);
-        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100)).unwrap();
-        sink.insert("b@x.tmp.example.org", HOUR, msg(2, 100)).unwrap();
-        sink.insert("a@x.tmp.example.org", HOUR, msg(3, 100)).unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+            .unwrap();
+        sink.insert("b@x.tmp.example.org", HOUR, msg(2, 100))
+            .unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(3, 100))
+            .unwrap();
         assert_eq!(sink.usage(), (300, 3));
-        sink.insert("b@x.tmp.example.org", HOUR, msg(4, 150)).unwrap();
+        sink.insert("b@x.tmp.example.org", HOUR, msg(4, 150))
+            .unwrap();
         // 1 and 2 had to go (100 + 150 > 300 - 100 after only one).
         assert_eq!(sink.usage(), (250, 2));
         assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["3"]);
@@ -409,9 +468,11 @@ mod tests {
     #[tokio::test]
     async fn per_mailbox_cap_evicts_that_mailboxs_oldest() {
         let sink = Sink::new(&config(1 << 20, 2, WhenFull::Evict), 1000);
-        sink.insert("other@x.tmp.example.org", HOUR, msg(0, 50)).unwrap();
+        sink.insert("other@x.tmp.example.org", HOUR, msg(0, 50))
+            .unwrap();
         for n in 1..=3 {
-            sink.insert("a@x.tmp.example.org", HOUR, msg(n, 50)).unwrap();
+            sink.insert("a@x.tmp.example.org", HOUR, msg(n, 50))
+                .unwrap();
         }
         assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["3", "2"]);
         assert_eq!(subjects(&sink, "other@x.tmp.example.org"), ["0"]);
@@ -422,14 +483,22 @@ mod tests {
     async fn message_size_cap_refuses_in_both_modes() {
         for mode in [WhenFull::Evict, WhenFull::Refuse] {
             let sink = Sink::new(&config(1 << 20, 10, mode), 100);
-            sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100)).unwrap();
-            assert!(sink.insert("a@x.tmp.example.org", HOUR, msg(2, 101)).is_err());
+            sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+                .unwrap();
+            assert!(
+                sink.insert("a@x.tmp.example.org", HOUR, msg(2, 101))
+                    .is_err()
+            );
             assert_eq!(sink.usage(), (100, 1));
         }
         // Larger than the whole store: refused rather than emptying it.
         let sink = Sink::new(&config(150, 10, WhenFull::Evict), 1000);
-        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100)).unwrap();
-        assert!(sink.insert("a@x.tmp.example.org", HOUR, msg(2, 151)).is_err());
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+            .unwrap();
+        assert!(
+            sink.insert("a@x.tmp.example.org", HOUR, msg(2, 151))
+                .is_err()
+        );
         assert_eq!(sink.usage(), (100, 1));
     }
 
@@ -437,15 +506,24 @@ mod tests {
     async fn refuse_mode_refuses_at_each_bound() {
         let sink = Sink::new(&config(250, 2, WhenFull::Refuse), 1000);
         assert!(sink.has_room("a@x.tmp.example.org"));
-        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100)).unwrap();
-        sink.insert("a@x.tmp.example.org", HOUR, msg(2, 100)).unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+            .unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(2, 100))
+            .unwrap();
         assert!(!sink.has_room("a@x.tmp.example.org"));
         assert!(!sink.has_room("A@X.tmp.example.org"));
-        assert!(sink.insert("a@x.tmp.example.org", HOUR, msg(3, 10)).is_err());
+        assert!(
+            sink.insert("a@x.tmp.example.org", HOUR, msg(3, 10))
+                .is_err()
+        );
         // Another mailbox still fits under the byte cap, but not over it.
         assert!(sink.has_room("b@x.tmp.example.org"));
-        assert!(sink.insert("b@x.tmp.example.org", HOUR, msg(4, 51)).is_err());
-        sink.insert("b@x.tmp.example.org", HOUR, msg(5, 50)).unwrap();
+        assert!(
+            sink.insert("b@x.tmp.example.org", HOUR, msg(4, 51))
+                .is_err()
+        );
+        sink.insert("b@x.tmp.example.org", HOUR, msg(5, 50))
+            .unwrap();
         assert!(!sink.has_room("c@x.tmp.example.org"));
         assert_eq!(sink.usage(), (250, 3));
         assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["2", "1"]);
@@ -454,9 +532,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expired_messages_go_without_traffic() {
         let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 1000);
-        sink.insert("a@x.tmp.example.org", Duration::from_secs(60), msg(1, 20)).unwrap();
-        sink.insert("a@x.tmp.example.org", Duration::from_secs(10), msg(2, 20)).unwrap();
-        sink.insert("b@x.tmp.example.org", Duration::from_secs(30), msg(3, 20)).unwrap();
+        sink.insert("a@x.tmp.example.org", Duration::from_secs(60), msg(1, 20))
+            .unwrap();
+        sink.insert("a@x.tmp.example.org", Duration::from_secs(10), msg(2, 20))
+            .unwrap();
+        sink.insert("b@x.tmp.example.org", Duration::from_secs(30), msg(3, 20))
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(9_999)).await;
         assert_eq!(sink.usage(), (60, 3));
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -467,7 +548,9 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(sink.usage(), (0, 0));
         let state = sink.shared.state.lock().unwrap();
-        assert!(state.mailboxes.is_empty() && state.order.is_empty() && state.expirations.is_empty());
+        assert!(
+            state.mailboxes.is_empty() && state.order.is_empty() && state.expirations.is_empty()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -480,31 +563,46 @@ mod tests {
         assert!(shared.upgrade().is_some(), "a clone still holds the store");
         drop(clone);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(shared.upgrade().is_none(), "the purge task let go of the store");
+        assert!(
+            shared.upgrade().is_none(),
+            "the purge task let go of the store"
+        );
     }
 
     #[tokio::test]
     async fn ids_are_unique_hex() {
         let sink = Sink::new(&config(1 << 30, 10_000, WhenFull::Evict), 1000);
         for n in 0..5000 {
-            sink.insert("a@x.tmp.example.org", HOUR, msg(n, 10)).unwrap();
+            sink.insert("a@x.tmp.example.org", HOUR, msg(n, 10))
+                .unwrap();
         }
         let list = sink.list("a@x.tmp.example.org");
         let ids: std::collections::HashSet<_> = list.iter().map(|m| m.id.clone()).collect();
         assert_eq!(ids.len(), 5000);
-        assert!(ids.iter().all(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())));
+        assert!(ids.iter().all(|id| {
+            id.len() == 16
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        }));
     }
 
     #[tokio::test]
     async fn delete_and_clear_free_everything() {
         let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 1000);
-        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 20)).unwrap();
-        sink.insert("a@x.tmp.example.org", HOUR, msg(2, 30)).unwrap();
-        sink.insert("b@x.tmp.example.org", HOUR, msg(3, 40)).unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 20))
+            .unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(2, 30))
+            .unwrap();
+        sink.insert("b@x.tmp.example.org", HOUR, msg(3, 40))
+            .unwrap();
         let id = sink.list("a@x.tmp.example.org")[0].id.clone();
         assert!(sink.delete("a@x.tmp.example.org", &id));
         assert!(!sink.delete("a@x.tmp.example.org", &id));
-        assert!(!sink.delete("b@x.tmp.example.org", &sink.list("a@x.tmp.example.org")[0].id));
+        assert!(!sink.delete(
+            "b@x.tmp.example.org",
+            &sink.list("a@x.tmp.example.org")[0].id
+        ));
         assert_eq!(sink.usage(), (60, 2));
         sink.clear("a@x.tmp.example.org");
         assert_eq!(sink.usage(), (40, 1));
@@ -521,7 +619,12 @@ mod tests {
             let sink = sink.clone();
             tasks.push(tokio::spawn(async move {
                 for n in 0..500 {
-                    sink.insert(&format!("u{}@x.tmp.example.org", (t + n) % 13), HOUR, msg(n, 37 + n % 50)).unwrap();
+                    sink.insert(
+                        &format!("u{}@x.tmp.example.org", (t + n) % 13),
+                        HOUR,
+                        msg(n, 37 + n % 50),
+                    )
+                    .unwrap();
                     let _ = sink.list(&format!("u{}@x.tmp.example.org", n % 13));
                 }
             }));
@@ -530,11 +633,24 @@ mod tests {
             t.await.unwrap();
         }
         let state = sink.shared.state.lock().unwrap();
-        let bytes: u64 = state.mailboxes.values().flatten().map(|m| m.raw.len() as u64).sum();
+        let bytes: u64 = state
+            .mailboxes
+            .values()
+            .flatten()
+            .map(|m| m.raw.len() as u64)
+            .sum();
         assert_eq!(bytes, state.bytes);
         assert!(state.bytes <= 10_000);
-        assert!(state.mailboxes.values().all(|q| q.len() <= 5 && !q.is_empty()));
+        assert!(
+            state
+                .mailboxes
+                .values()
+                .all(|q| q.len() <= 5 && !q.is_empty())
+        );
         assert_eq!(state.order.len(), state.expirations.len());
-        assert_eq!(state.order.len(), state.mailboxes.values().map(VecDeque::len).sum::<usize>());
+        assert_eq!(
+            state.order.len(),
+            state.mailboxes.values().map(VecDeque::len).sum::<usize>()
+        );
     }
 }
