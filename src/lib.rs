@@ -15,10 +15,10 @@
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
 //! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping.
+//! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`smtp`]: the ESMTP server: command parser, DATA decoder, session per connection, listeners.
 //! - [`dispatch`]: hands a received transaction to the maildirs and the sink; its result is the reply.
-//! - [`sink`]: the ephemeral in-memory catch-all and its web page.
 //! - [`serve`]: `letterbox serve`, wiring the runtime together.
 //!
 //! See `docs/flow.md` for one message's path from connect to fsync.

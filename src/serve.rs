@@ -20,6 +20,8 @@ use crate::smtp::{Context, Server};
 pub struct Running {
     /// Where SMTP listens (port 0 in the config becomes the real port).
     pub smtp_addrs: Vec<SocketAddr>,
+    /// Where the sink's web page and API listen, when enabled.
+    pub http_addr: Option<SocketAddr>,
     pub context: Arc<Context>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -80,8 +82,33 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         smtp_addrs.push(local);
         tokio::spawn(server.run(shutdown.clone(), tracker.clone()));
     }
+    let http_addr = if config.sink.enabled {
+        let addr = config.sink.http_listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for the sink's web page on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, "sink web page listening");
+        let ctx = &context;
+        let router = ctx.sink.router(
+            ctx.directory.clone(),
+            ctx.delimiter,
+            ctx.static_rules.clone(),
+        );
+        let sink = ctx.sink.clone();
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = sink.serve(listener, router, stop).await {
+                tracing::error!(error = %e, "sink web server failed");
+            }
+        });
+        Some(local)
+    } else {
+        None
+    };
     Ok(Running {
         smtp_addrs,
+        http_addr,
         context,
         shutdown,
         tracker,
@@ -95,6 +122,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let running = start(config).await?;
     for a in &running.smtp_addrs {
         println!("letterbox: smtp listening on {a}");
+    }
+    if let Some(a) = running.http_addr {
+        println!("letterbox: sink web page on http://{a}/");
     }
     let ctx = running.context.clone();
     let shutdown = running.shutdown.clone();

@@ -1,26 +1,17 @@
-//! PLACEHOLDER replaced by the sink branch: same API, stores nothing.
+//! The ephemeral catch-all sink: recipients that match a sink rule land in
+//! a bounded in-memory store instead of a maildir, are shown on a small web
+//! page and JSON API for a while, then forgotten. No byte of a sink message
+//! ever touches the disk.
+//!
+//! - [`store`]: the bounded store, its limits and the expiry task.
+//! - [`message`]: parsing on demand into the API's summary and detail.
+//! - [`sanitize`]: the HTML policy and remote-image blocking.
+//! - [`http`]: the axum router, handlers and the page (`page.html`).
 
-use std::time::Duration;
+pub mod http;
+pub mod message;
+pub mod sanitize;
+pub mod store;
 
-use bytes::Bytes;
-
-use crate::config::SinkConfig;
-
-#[derive(Clone, Debug)]
-pub struct Sink;
-
-#[derive(Debug, thiserror::Error)]
-#[error("the sink is full")]
-pub struct SinkFull;
-
-impl Sink {
-    pub fn new(_config: &SinkConfig, _max_message_size: u64) -> Sink {
-        Sink
-    }
-    pub fn insert(&self, _mailbox: &str, _ttl: Duration, _raw: Bytes) -> Result<(), SinkFull> {
-        Ok(())
-    }
-    pub fn has_room(&self, _mailbox: &str) -> bool {
-        true
-    }
-}
+pub use message::{Attachment, Detail, Header, Summary};
+pub use store::{Message, Sink, SinkFull};

@@ -1,0 +1,656 @@
+//! The bounded in-memory store: sink mailboxes, their limits, and the
+//! task that forgets expired messages on time.
+//!
+//! The shape is mini-redis's `db.rs`: [`Sink`] is a cheap handle over an
+//! `Arc<Shared>`; a background task sleeps until the next expiry and stops
+//! when the last handle goes (a drop guard shared by every clone).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{SinkConfig, WhenFull};
+
+/// Announcements kept for slow SSE / wait listeners before they lag.
+const EVENT_CAPACITY: usize = 256;
+
+/// Returned when a message does not fit: refuse mode at a bound, or a
+/// message larger than the SMTP limit or the whole store.
+#[derive(Debug, thiserror::Error)]
+#[error("the sink is full")]
+pub struct SinkFull;
+
+/// One stored message. Handed out as `Arc<Message>` so readers parse it
+/// without holding the store's lock; its bytes go when the last reader does.
+#[derive(Debug)]
+pub struct Message {
+    /// Insertion order across the whole store; the oldest is evicted first.
+    pub(crate) seq: u64,
+    /// URL-safe, unguessable-ish: 16 hex characters from the thread RNG.
+    pub id: String,
+    /// The whole message exactly as handed over (CRLF line endings).
+    pub raw: Bytes,
+    /// Wall-clock arrival, shown to people as RFC 3339.
+    pub received_at: DateTime<Utc>,
+    /// Wall-clock end of life, shown to people as RFC 3339.
+    pub expires_at: DateTime<Utc>,
+    /// Monotonic end of life; what the purge task actually goes by (tokio's
+    /// clock, so tests can pause time).
+    pub(crate) deadline: Instant,
+}
+
+/// A new message for `mailbox`; broadcast to SSE and wait listeners. It
+/// carries names, not bytes, so a slow listener never pins message memory.
+#[derive(Debug, Clone)]
+pub(crate) struct Arrival {
+    pub mailbox: Arc<str>,
+    pub id: Arc<str>,
+}
+
+/// The store handle. Clones share one store; the purge task ends when the
+/// last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    /// The store itself, also held by the purge task.
+    shared: Arc<Shared>,
+    /// Dropped with the last handle; tells the purge task to stop.
+    _guard: Arc<DropGuard>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// A std Mutex is right here: it is never held across an `.await`, and
+    /// every critical section is a few map operations.
+    state: Mutex<State>,
+    /// Wakes the purge task when an earlier deadline appears or at shutdown.
+    purge: Notify,
+    /// New-message announcements for SSE and wait.
+    events: broadcast::Sender<Arrival>,
+    /// The bounds, copied from the configuration.
+    limits: Limits,
+    /// Cancelled when the HTTP server shuts down, so SSE and wait requests
+    /// end and graceful shutdown does not wait on them forever.
+    closing: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Total bytes of raw message data.
+    max_bytes: u64,
+    /// Messages per mailbox.
+    max_per_mailbox: usize,
+    /// The SMTP size limit; larger messages are refused in either mode.
+    max_message_size: u64,
+    /// Evict the oldest or refuse the newcomer.
+    when_full: WhenFull,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Mailbox (lowercase address) → its messages, oldest first (by seq).
+    mailboxes: HashMap<Arc<str>, VecDeque<Arc<Message>>>,
+    /// Every message by seq → its mailbox: global age order for eviction.
+    order: BTreeMap<u64, Arc<str>>,
+    /// (deadline, seq) for every message: what the purge task walks.
+    expirations: BTreeSet<(Instant, u64)>,
+    /// Sum of `raw.len()` over every message held.
+    bytes: u64,
+    /// Next insertion number.
+    next_seq: u64,
+    /// Set when the last handle goes; the purge task then returns.
+    shutdown: bool,
+}
+
+#[derive(Debug)]
+struct DropGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().shutdown = true;
+        self.shared.purge.notify_one();
+    }
+}
+
+impl Sink {
+    /// Spawns the expiry task on the current tokio runtime; it stops when
+    /// the last Sink handle is dropped.
+    pub fn new(config: &SinkConfig, max_message_size: u64) -> Sink {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            purge: Notify::new(),
+            events,
+            closing: CancellationToken::new(),
+            limits: Limits {
+                max_bytes: config.max_bytes.0,
+                max_per_mailbox: config.max_messages_per_mailbox,
+                max_message_size,
+                when_full: config.when_full,
+            },
+        });
+        tokio::spawn(purge_task(shared.clone()));
+        Sink {
+            _guard: Arc::new(DropGuard {
+                shared: shared.clone(),
+            }),
+            shared,
+        }
+    }
+
+    /// Stores one copy for `mailbox` (full lowercase address). `raw` is the
+    /// whole message with CRLF endings, trace header already prepended.
+    /// Err(SinkFull) only in refuse mode when it does not fit; in evict mode
+    /// the oldest go instead. A message larger than max_message_size is
+    /// refused.
+    pub fn insert(&self, mailbox: &str, ttl: Duration, raw: Bytes) -> Result<(), SinkFull> {
+        let limits = self.shared.limits;
+        let size = raw.len() as u64;
+        if size > limits.max_message_size || size > limits.max_bytes || limits.max_per_mailbox == 0
+        {
+            return Err(SinkFull);
+        }
+        let mailbox = mailbox.to_lowercase();
+        let received_at = Utc::now();
+        let now = Instant::now();
+        // A TTL beyond what the clocks can represent is as good as forever.
+        let ttl = ttl.min(Duration::from_secs(100 * 365 * 86_400));
+        let deadline = now + ttl;
+        let expires_at =
+            received_at + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+
+        let (arrival, wake) = {
+            let mut state = self.shared.state.lock().unwrap();
+            let key: Arc<str> = match state.mailboxes.get_key_value(mailbox.as_str()) {
+                Some((k, _)) => k.clone(),
+                None => mailbox.into(),
+            };
+            let held = state.mailboxes.get(&key).map_or(0, VecDeque::len);
+            match limits.when_full {
+                WhenFull::Refuse => {
+                    if held >= limits.max_per_mailbox || state.bytes + size > limits.max_bytes {
+                        return Err(SinkFull);
+                    }
+                }
+                WhenFull::Evict => {
+                    // The mailbox's own oldest make room under its count cap…
+                    while let Some(queue) = state
+                        .mailboxes
+                        .get(&key)
+                        .filter(|q| q.len() >= limits.max_per_mailbox)
+                    {
+                        let seq = queue.front().map(|m| m.seq);
+                        match seq {
+                            Some(seq) => state.remove(seq),
+                            None => break,
+                        };
+                    }
+                    // …and the globally oldest under the byte cap.
+                    while state.bytes + size > limits.max_bytes {
+                        let Some((&seq, _)) = state.order.first_key_value() else {
+                            break;
+                        };
+                        state.remove(seq);
+                    }
+                }
+            }
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            let id = loop {
+                let id = format!("{:016x}", rand::random::<u64>());
+                // Unique within the mailbox, which is how ids are looked up.
+                if !state
+                    .mailboxes
+                    .get(&key)
+                    .is_some_and(|q| q.iter().any(|m| m.id == id))
+                {
+                    break id;
+                }
+            };
+            let wake = state
+                .expirations
+                .first()
+                .is_none_or(|&(first, _)| deadline < first);
+            let message = Arc::new(Message {
+                seq,
+                id: id.clone(),
+                raw,
+                received_at,
+                expires_at,
+                deadline,
+            });
+            state.bytes += size;
+            state.order.insert(seq, key.clone());
+            state.expirations.insert((deadline, seq));
+            state
+                .mailboxes
+                .entry(key.clone())
+                .or_default()
+                .push_back(message);
+            (
+                Arrival {
+                    mailbox: key,
+                    id: id.into(),
+                },
+                wake,
+            )
+        };
+        if wake {
+            self.shared.purge.notify_one();
+        }
+        // No listener is the common case; the announcement is then dropped.
+        let _ = self.shared.events.send(arrival);
+        Ok(())
+    }
+
+    /// RCPT-time check for refuse mode: false when the store is at a bound
+    /// and would refuse.
+    pub fn has_room(&self, mailbox: &str) -> bool {
+        let limits = self.shared.limits;
+        if limits.max_per_mailbox == 0 {
+            return false;
+        }
+        if limits.when_full == WhenFull::Evict {
+            return true;
+        }
+        let state = self.shared.state.lock().unwrap();
+        let held = state
+            .mailboxes
+            .get(mailbox.to_lowercase().as_str())
+            .map_or(0, VecDeque::len);
+        held < limits.max_per_mailbox && state.bytes < limits.max_bytes
+    }
+
+    /// Total bytes and messages held (for tests and metrics).
+    pub fn usage(&self) -> (u64, usize) {
+        let state = self.shared.state.lock().unwrap();
+        (state.bytes, state.order.len())
+    }
+
+    /// The mailbox's messages, newest first.
+    pub(crate) fn list(&self, mailbox: &str) -> Vec<Arc<Message>> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .mailboxes
+            .get(mailbox)
+            .map(|q| q.iter().rev().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// One message of the mailbox.
+    pub(crate) fn get(&self, mailbox: &str, id: &str) -> Option<Arc<Message>> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .mailboxes
+            .get(mailbox)?
+            .iter()
+            .find(|m| m.id == id)
+            .cloned()
+    }
+
+    /// The oldest message of the mailbox received after message `id`, when
+    /// `id` is still held.
+    pub(crate) fn next_after(&self, mailbox: &str, id: &str) -> Option<Arc<Message>> {
+        let state = self.shared.state.lock().unwrap();
+        let queue = state.mailboxes.get(mailbox)?;
+        let at = queue.iter().position(|m| m.id == id)?;
+        queue.get(at + 1).cloned()
+    }
+
+    /// Removes one message; false when there was none.
+    pub(crate) fn delete(&self, mailbox: &str, id: &str) -> bool {
+        let mut state = self.shared.state.lock().unwrap();
+        let seq = state
+            .mailboxes
+            .get(mailbox)
+            .and_then(|q| q.iter().find(|m| m.id == id))
+            .map(|m| m.seq);
+        match seq {
+            Some(seq) => {
+                state.remove(seq);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Empties the mailbox.
+    pub(crate) fn clear(&self, mailbox: &str) {
+        let mut state = self.shared.state.lock().unwrap();
+        let seqs: Vec<u64> = state
+            .mailboxes
+            .get(mailbox)
+            .map(|q| q.iter().map(|m| m.seq).collect())
+            .unwrap_or_default();
+        for seq in seqs {
+            state.remove(seq);
+        }
+    }
+
+    /// Cancelled when the HTTP server starts shutting down.
+    pub(crate) fn closing(&self) -> CancellationToken {
+        self.shared.closing.clone()
+    }
+
+    /// A receiver of every arrival from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arrival> {
+        self.shared.events.subscribe()
+    }
+}
+
+impl State {
+    /// Forgets message `seq` everywhere; its bytes are freed once no reader
+    /// holds it, and an emptied mailbox gives its map slot back.
+    fn remove(&mut self, seq: u64) -> Option<Arc<Message>> {
+        let mailbox = self.order.remove(&seq)?;
+        let queue = self.mailboxes.get_mut(&mailbox)?;
+        // Sorted by seq: insertion order.
+        let at = queue.binary_search_by_key(&seq, |m| m.seq).ok()?;
+        let message = queue.remove(at)?;
+        if queue.is_empty() {
+            self.mailboxes.remove(&mailbox);
+            if self.mailboxes.capacity() > 64
+                && self.mailboxes.len() < self.mailboxes.capacity() / 4
+            {
+                self.mailboxes.shrink_to_fit();
+            }
+        } else if queue.capacity() > 16 && queue.len() < queue.capacity() / 4 {
+            queue.shrink_to_fit();
+        }
+        self.expirations.remove(&(message.deadline, seq));
+        self.bytes -= message.raw.len() as u64;
+        Some(message)
+    }
+
+    /// Removes everything due by `now`; returns the next deadline, or None
+    /// when the store is empty.
+    fn purge_expired(&mut self, now: Instant) -> Option<Instant> {
+        while let Some(&(deadline, seq)) = self.expirations.first() {
+            if deadline > now {
+                return Some(deadline);
+            }
+            // Also removes the (deadline, seq) entry.
+            if self.remove(seq).is_none() {
+                self.expirations.pop_first();
+            }
+        }
+        None
+    }
+}
+
+/// Sleeps until the next expiry (or until woken by an earlier one) and
+/// forgets what is due, so messages disappear on time with no traffic.
+async fn purge_task(shared: Arc<Shared>) {
+    loop {
+        let next = {
+            let mut state = shared.state.lock().unwrap();
+            if state.shutdown {
+                break;
+            }
+            state.purge_expired(Instant::now())
+        };
+        match next {
+            Some(when) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(when) => {}
+                    _ = shared.purge.notified() => {}
+                }
+            }
+            None => shared.purge.notified().await,
+        }
+    }
+    tracing::debug!("sink purge task stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::ByteSize;
+
+    fn config(max_bytes: u64, per_mailbox: usize, when_full: WhenFull) -> SinkConfig {
+        SinkConfig {
+            max_bytes: ByteSize(max_bytes),
+            max_messages_per_mailbox: per_mailbox,
+            when_full,
+            ..SinkConfig::default()
+        }
+    }
+
+    fn msg(n: usize, len: usize) -> Bytes {
+        let head = format!("Subject: {n}\r\n\r\n");
+        let mut v = head.into_bytes();
+        v.resize(len.max(v.len()), b'x');
+        Bytes::from(v)
+    }
+
+    fn subjects(sink: &Sink, mailbox: &str) -> Vec<String> {
+        sink.list(mailbox)
+            .iter()
+            .map(|m| {
+                String::from_utf8_lossy(&m.raw[9..])
+                    .split('\r')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn global_byte_cap_evicts_the_globally_oldest() {
+        let sink = Sink::new(&config(300, 100, WhenFull::Evict), 1000);
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+            .unwrap();
+        sink.insert("b@x.tmp.example.org", HOUR, msg(2, 100))
+            .unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(3, 100))
+            .unwrap();
+        assert_eq!(sink.usage(), (300, 3));
+        sink.insert("b@x.tmp.example.org", HOUR, msg(4, 150))
+            .unwrap();
+        // 1 and 2 had to go (100 + 150 > 300 - 100 after only one).
+        assert_eq!(sink.usage(), (250, 2));
+        assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["3"]);
+        assert_eq!(subjects(&sink, "b@x.tmp.example.org"), ["4"]);
+        // The emptied mailbox is gone, not an empty entry.
+        assert_eq!(sink.shared.state.lock().unwrap().mailboxes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn per_mailbox_cap_evicts_that_mailboxs_oldest() {
+        let sink = Sink::new(&config(1 << 20, 2, WhenFull::Evict), 1000);
+        sink.insert("other@x.tmp.example.org", HOUR, msg(0, 50))
+            .unwrap();
+        for n in 1..=3 {
+            sink.insert("a@x.tmp.example.org", HOUR, msg(n, 50))
+                .unwrap();
+        }
+        assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["3", "2"]);
+        assert_eq!(subjects(&sink, "other@x.tmp.example.org"), ["0"]);
+        assert_eq!(sink.usage(), (150, 3));
+    }
+
+    #[tokio::test]
+    async fn message_size_cap_refuses_in_both_modes() {
+        for mode in [WhenFull::Evict, WhenFull::Refuse] {
+            let sink = Sink::new(&config(1 << 20, 10, mode), 100);
+            sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+                .unwrap();
+            assert!(
+                sink.insert("a@x.tmp.example.org", HOUR, msg(2, 101))
+                    .is_err()
+            );
+            assert_eq!(sink.usage(), (100, 1));
+        }
+        // Larger than the whole store: refused rather than emptying it.
+        let sink = Sink::new(&config(150, 10, WhenFull::Evict), 1000);
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+            .unwrap();
+        assert!(
+            sink.insert("a@x.tmp.example.org", HOUR, msg(2, 151))
+                .is_err()
+        );
+        assert_eq!(sink.usage(), (100, 1));
+    }
+
+    #[tokio::test]
+    async fn refuse_mode_refuses_at_each_bound() {
+        let sink = Sink::new(&config(250, 2, WhenFull::Refuse), 1000);
+        assert!(sink.has_room("a@x.tmp.example.org"));
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+            .unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(2, 100))
+            .unwrap();
+        assert!(!sink.has_room("a@x.tmp.example.org"));
+        assert!(!sink.has_room("A@X.tmp.example.org"));
+        assert!(
+            sink.insert("a@x.tmp.example.org", HOUR, msg(3, 10))
+                .is_err()
+        );
+        // Another mailbox still fits under the byte cap, but not over it.
+        assert!(sink.has_room("b@x.tmp.example.org"));
+        assert!(
+            sink.insert("b@x.tmp.example.org", HOUR, msg(4, 51))
+                .is_err()
+        );
+        sink.insert("b@x.tmp.example.org", HOUR, msg(5, 50))
+            .unwrap();
+        assert!(!sink.has_room("c@x.tmp.example.org"));
+        assert_eq!(sink.usage(), (250, 3));
+        assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["2", "1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_messages_go_without_traffic() {
+        let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 1000);
+        sink.insert("a@x.tmp.example.org", Duration::from_secs(60), msg(1, 20))
+            .unwrap();
+        sink.insert("a@x.tmp.example.org", Duration::from_secs(10), msg(2, 20))
+            .unwrap();
+        sink.insert("b@x.tmp.example.org", Duration::from_secs(30), msg(3, 20))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(9_999)).await;
+        assert_eq!(sink.usage(), (60, 3));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["1"]);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(sink.usage(), (20, 1));
+        assert!(sink.list("b@x.tmp.example.org").is_empty());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(sink.usage(), (0, 0));
+        let state = sink.shared.state.lock().unwrap();
+        assert!(
+            state.mailboxes.is_empty() && state.order.is_empty() && state.expirations.is_empty()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn purge_task_stops_with_the_last_handle() {
+        let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 1000);
+        let shared = Arc::downgrade(&sink.shared);
+        let clone = sink.clone();
+        drop(sink);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(shared.upgrade().is_some(), "a clone still holds the store");
+        drop(clone);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            shared.upgrade().is_none(),
+            "the purge task let go of the store"
+        );
+    }
+
+    #[tokio::test]
+    async fn ids_are_unique_hex() {
+        let sink = Sink::new(&config(1 << 30, 10_000, WhenFull::Evict), 1000);
+        for n in 0..5000 {
+            sink.insert("a@x.tmp.example.org", HOUR, msg(n, 10))
+                .unwrap();
+        }
+        let list = sink.list("a@x.tmp.example.org");
+        let ids: std::collections::HashSet<_> = list.iter().map(|m| m.id.clone()).collect();
+        assert_eq!(ids.len(), 5000);
+        assert!(ids.iter().all(|id| {
+            id.len() == 16
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        }));
+    }
+
+    #[tokio::test]
+    async fn delete_and_clear_free_everything() {
+        let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 1000);
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 20))
+            .unwrap();
+        sink.insert("a@x.tmp.example.org", HOUR, msg(2, 30))
+            .unwrap();
+        sink.insert("b@x.tmp.example.org", HOUR, msg(3, 40))
+            .unwrap();
+        let id = sink.list("a@x.tmp.example.org")[0].id.clone();
+        assert!(sink.delete("a@x.tmp.example.org", &id));
+        assert!(!sink.delete("a@x.tmp.example.org", &id));
+        assert!(!sink.delete(
+            "b@x.tmp.example.org",
+            &sink.list("a@x.tmp.example.org")[0].id
+        ));
+        assert_eq!(sink.usage(), (60, 2));
+        sink.clear("a@x.tmp.example.org");
+        assert_eq!(sink.usage(), (40, 1));
+        let state = sink.shared.state.lock().unwrap();
+        assert_eq!(state.mailboxes.len(), 1);
+        assert_eq!(state.expirations.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_writers_keep_the_books_straight() {
+        let sink = Sink::new(&config(10_000, 5, WhenFull::Evict), 1000);
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let sink = sink.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..500 {
+                    sink.insert(
+                        &format!("u{}@x.tmp.example.org", (t + n) % 13),
+                        HOUR,
+                        msg(n, 37 + n % 50),
+                    )
+                    .unwrap();
+                    let _ = sink.list(&format!("u{}@x.tmp.example.org", n % 13));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let state = sink.shared.state.lock().unwrap();
+        let bytes: u64 = state
+            .mailboxes
+            .values()
+            .flatten()
+            .map(|m| m.raw.len() as u64)
+            .sum();
+        assert_eq!(bytes, state.bytes);
+        assert!(state.bytes <= 10_000);
+        assert!(
+            state
+                .mailboxes
+                .values()
+                .all(|q| q.len() <= 5 && !q.is_empty())
+        );
+        assert_eq!(state.order.len(), state.expirations.len());
+        assert_eq!(
+            state.order.len(),
+            state.mailboxes.values().map(VecDeque::len).sum::<usize>()
+        );
+    }
+}
