@@ -204,6 +204,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The content is complete: refuse it, or deliver it and report.
     async fn finish(&mut self, body: Body) -> Reply {
         let tx = self.tx.take().expect("content only inside a transaction");
+        // The transaction id exists only once the message is accepted for delivery.
+        let mut id = None;
         let reply = if body.too_big {
             Reply::message_too_big()
         } else if body.decoder.saw_bare_lf && self.ctx.config.smtp.bare_lf == BareLf::Reject {
@@ -227,29 +229,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
             };
             let reply = crate::dispatch::deliver(&self.ctx, &envelope, body.spool).await;
-            tracing::info!(
-                id = %envelope.id,
-                ip = %self.conn.ip,
-                helo = self.helo.as_deref().unwrap_or(""),
-                tls = self.conn.tls.as_deref().unwrap_or("no"),
-                from = %envelope.sender,
-                rcpts = ?tx.rcpt_log,
-                size = body.size,
-                duration_ms = tx.started.elapsed().as_millis() as u64,
-                reply = %reply.to_wire().trim_end(),
-                "transaction"
-            );
-            return reply;
+            id = Some(envelope.id);
+            reply
         };
         tracing::info!(
+            id = id.as_deref().unwrap_or("-"),
             ip = %self.conn.ip,
             helo = self.helo.as_deref().unwrap_or(""),
+            tls = self.conn.tls.as_deref().unwrap_or("no"),
             from = %tx.sender,
             rcpts = ?tx.rcpt_log,
             size = body.size,
             duration_ms = tx.started.elapsed().as_millis() as u64,
             reply = %reply.to_wire().trim_end(),
-            "transaction refused"
+            "transaction"
         );
         reply
     }
