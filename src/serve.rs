@@ -126,6 +126,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(a) = running.http_addr {
         println!("letterbox: sink web page on http://{a}/");
     }
+    // Scripts and tests wait for this line: every listener is bound.
+    println!("letterbox: ready");
     let ctx = running.context.clone();
     let shutdown = running.shutdown.clone();
     tokio::spawn(async move {

@@ -9,4 +9,5 @@
 #![allow(dead_code)]
 
 pub mod db;
+pub mod process;
 pub mod server;
