@@ -1,6 +1,7 @@
-//! `letterbox serve`: builds the runtime objects from the config (pools,
-//! maildirs, sink, TLS), binds every listener, and runs until SIGTERM or
-//! SIGINT. SIGHUP reloads the TLS certificate and key.
+//! `letterbox serve`: raises the open files limit, builds the runtime
+//! objects from the config (pools, maildirs, sink, TLS), binds every
+//! listener, and runs until SIGTERM or SIGINT. SIGHUP reloads the TLS
+//! certificate and key.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,7 +120,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// `letterbox serve`.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
+    raise_open_files_limit(&config);
     let running = start(config).await?;
+    // Installed before "ready": a SIGHUP sent as soon as the server says it
+    // is ready must reload TLS, not meet the default action (exit).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     for a in &running.smtp_addrs {
         println!("letterbox: smtp listening on {a}");
     }
@@ -131,15 +139,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = running.context.clone();
     let shutdown = running.shutdown.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -156,6 +155,55 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     running.wait().await;
     Ok(())
+}
+
+/// Descriptors needed besides one per SMTP connection: listeners, the
+/// database pool (counted separately), the log, the sink's web clients,
+/// and the spool and maildir files of transactions in progress.
+const FD_HEADROOM: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit. Every connection
+/// is a descriptor, and the usual soft default (1024) is far below what
+/// `smtp.max_connections` allows; past the limit accept() fails (EMFILE)
+/// and so do spool files and deliveries.
+fn raise_open_files_limit(config: &Config) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(error = %e, "cannot read the open files limit");
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads only the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        } else {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(error = %e, soft, hard = limit.rlim_max, "cannot raise the open files limit");
+        }
+    }
+    let open_files: u64 = limit.rlim_cur;
+    tracing::info!(open_files, was = soft, "open files limit");
+    let needed = config.smtp.max_connections as u64
+        + u64::from(config.database.max_connections)
+        + FD_HEADROOM;
+    if open_files < needed {
+        tracing::warn!(
+            open_files,
+            needed,
+            max_connections = config.smtp.max_connections,
+            "open files limit is below smtp.max_connections plus headroom; raise the hard limit (LimitNOFILE=) or lower smtp.max_connections"
+        );
+    }
 }
 
 fn init_logging(config: &Config) {

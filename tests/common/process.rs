@@ -61,7 +61,15 @@ impl Process {
     /// Starts `letterbox --config <config> serve` and waits until it says
     /// it is ready, having printed where it listens.
     pub fn serve(config: &Path) -> Process {
-        let mut child = letterbox(config)
+        Process::serve_with(config, |_| {})
+    }
+
+    /// [`Process::serve`], letting `tweak` adjust the command first (say, a
+    /// `pre_exec` that sets resource limits).
+    pub fn serve_with(config: &Path, tweak: impl FnOnce(&mut Command)) -> Process {
+        let mut command = letterbox(config);
+        tweak(&mut command);
+        let mut child = command
             .arg("serve")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
