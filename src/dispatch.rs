@@ -5,8 +5,6 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
-
 use crate::delivery::DeliveryError;
 use crate::directory::{Mailbox, Route};
 use crate::envelope::Envelope;
@@ -43,10 +41,11 @@ pub async fn deliver(ctx: &Context, envelope: &Envelope, spool: Spool) -> Reply 
             .expect("sink transactions are spooled in memory");
         for (rcpt, ttl) in &sinks {
             let header = envelope.received_header(rcpt);
-            let mut raw = BytesMut::with_capacity(header.len() + content.len());
-            raw.put_slice(header.as_bytes());
-            raw.put_slice(content);
-            if ctx.sink.insert(rcpt, *ttl, raw.freeze()).is_err() {
+            if ctx
+                .sink
+                .insert_received(rcpt, *ttl, &header, content)
+                .is_err()
+            {
                 return Reply::sink_full();
             }
         }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
@@ -151,10 +151,38 @@ impl Sink {
     /// the oldest go instead. A message larger than max_message_size is
     /// refused.
     pub fn insert(&self, mailbox: &str, ttl: Duration, raw: Bytes) -> Result<(), SinkFull> {
+        if raw.len() as u64 > self.shared.limits.max_message_size {
+            return Err(SinkFull);
+        }
+        self.store(mailbox, ttl, raw)
+    }
+
+    /// Stores one copy of a message received over SMTP: our `trace` header,
+    /// then the `content` the client sent. The size limit (SIZE, RFC 1870)
+    /// is the client's and counts the content alone, so a message at the
+    /// limit still fits with the trace header on top; the store's own byte
+    /// bound counts the whole copy. Otherwise as [`Sink::insert`].
+    pub fn insert_received(
+        &self,
+        mailbox: &str,
+        ttl: Duration,
+        trace: &str,
+        content: &[u8],
+    ) -> Result<(), SinkFull> {
+        if content.len() as u64 > self.shared.limits.max_message_size {
+            return Err(SinkFull);
+        }
+        let mut raw = BytesMut::with_capacity(trace.len() + content.len());
+        raw.put_slice(trace.as_bytes());
+        raw.put_slice(content);
+        self.store(mailbox, ttl, raw.freeze())
+    }
+
+    /// Both inserts past their size check: the store's bounds, then in.
+    fn store(&self, mailbox: &str, ttl: Duration, raw: Bytes) -> Result<(), SinkFull> {
         let limits = self.shared.limits;
         let size = raw.len() as u64;
-        if size > limits.max_message_size || size > limits.max_bytes || limits.max_per_mailbox == 0
-        {
+        if size > limits.max_bytes || limits.max_per_mailbox == 0 {
             return Err(SinkFull);
         }
         let mailbox = mailbox.to_lowercase();
@@ -500,6 +528,33 @@ mod tests {
                 .is_err()
         );
         assert_eq!(sink.usage(), (100, 1));
+    }
+
+    #[tokio::test]
+    async fn the_size_limit_counts_received_content_not_our_trace_header() {
+        let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 100);
+        let trace = "Received: from x\r\n";
+        sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(1, 100))
+            .unwrap();
+        assert!(
+            sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(2, 101))
+                .is_err()
+        );
+        let stored = sink.list("a@x.tmp.example.org");
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].raw.len(), trace.len() + 100);
+        assert!(
+            stored[0]
+                .raw
+                .starts_with(b"Received: from x\r\nSubject: 1\r\n")
+        );
+        // The store's byte bound still counts the whole copy.
+        let sink = Sink::new(&config(110, 10, WhenFull::Evict), 100);
+        assert!(
+            sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(1, 100))
+                .is_err()
+        );
+        assert_eq!(sink.usage(), (0, 0));
     }
 
     #[tokio::test]
