@@ -571,3 +571,55 @@ async fn mail_expires_on_time_with_no_traffic() {
     );
     assert!(list(&base, BOX).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_the_whole_sink_is_refused_for_good_while_it_streams() {
+    let s = TestServer::start(|c| {
+        c.sink.enabled = true;
+        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+        c.sink.max_bytes = letterbox::units::ByteSize(5000);
+    })
+    .await;
+    s.directory
+        .sink_add("*.tmp.example.org", 3600)
+        .await
+        .unwrap();
+    let base = format!(
+        "http://{}/api/v1/mailbox",
+        s.running.as_ref().unwrap().http_addr.unwrap()
+    );
+    let mut c = s.connect().await;
+    c.greeting().await;
+    // Far under SIZE, but it could never fit: 552, not 452 "try again"
+    // for ever, and the content past the bound is not kept meanwhile. The
+    // rest of the message is still read, so the session goes on.
+    for rcpts in [&[BOX][..], &["alice@example.org", BOX][..]] {
+        let reply = c
+            .send_mail("a@remote.example", rcpts, &sized(1 << 20))
+            .await;
+        assert_eq!(reply, "552 5.3.4 Message too big\r\n", "{rcpts:?}");
+    }
+    // By BDAT too.
+    let body = sized(6000);
+    c.send(
+        format!(
+            "MAIL FROM:<a@remote.example>\r\nRCPT TO:<{BOX}>\r\nBDAT {} LAST\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(c.reply().await, "250 2.1.0 Sender ok\r\n");
+    assert_eq!(c.reply().await, "250 2.1.5 Recipient ok\r\n");
+    assert_eq!(c.reply().await, "552 5.3.4 Message too big\r\n");
+    assert!(list(&base, BOX).await.is_empty());
+    assert!(s.new_files("alice@example.org").is_empty());
+    // What fits the store is taken; a maildir alone still takes large mail.
+    let reply = c.send_mail("a@remote.example", &[BOX], &sized(4000)).await;
+    assert!(reply.starts_with("250 2.0.0 Ok: delivered as "), "{reply}");
+    assert_eq!(list(&base, BOX).await.len(), 1);
+    let reply = c
+        .send_mail("a@remote.example", &["alice@example.org"], &sized(1 << 20))
+        .await;
+    assert!(reply.starts_with("250 2.0.0 Ok: delivered as "), "{reply}");
+}

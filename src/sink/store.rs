@@ -278,6 +278,16 @@ impl Sink {
         Ok(())
     }
 
+    /// The most content one message for the sink may have: the SMTP size
+    /// limit, or the whole store when that is smaller. The SMTP side stops
+    /// keeping content past it while DATA streams in, so a sink transaction
+    /// never buffers more, and a message that could never fit is refused
+    /// for good (552) instead of "try again later" for ever.
+    pub fn max_message_size(&self) -> u64 {
+        let limits = self.shared.limits;
+        limits.max_message_size.min(limits.max_bytes)
+    }
+
     /// RCPT-time check for refuse mode: false when the store is at a bound
     /// and would refuse.
     pub fn has_room(&self, mailbox: &str) -> bool {

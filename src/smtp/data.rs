@@ -100,11 +100,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Sink mail never touches the disk, not even as a spool file.
         let dir = (!has_sink).then(|| self.ctx.maildirs.spool_dir());
         let limit = self.ctx.config.maildir.spool_memory_limit.0 as usize;
-        Body::new(
-            decoder,
-            Spool::new(limit, dir),
-            self.ctx.config.smtp.max_message_size.0,
-        )
+        // The sink's bounds apply as the content streams in, not after.
+        let max = if has_sink {
+            self.ctx.sink.max_message_size()
+        } else {
+            self.ctx.config.smtp.max_message_size.0
+        };
+        Body::new(decoder, Spool::new(limit, dir), max)
     }
 
     /// Checks that a transaction is ready for content.
