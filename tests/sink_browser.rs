@@ -555,6 +555,21 @@ async fn scenario(c: &Client, s: &TestServer, http: SocketAddr, watcher: &Watche
     c.enter_parent_frame().await.unwrap();
     assert_eq!(c.title().await.unwrap(), "letterbox sink");
     assert_eq!(watcher.requests(), ["GET /remote.gif HTTP/1.1"]);
+
+    // Everything the page itself loaded came from letterbox: no CDN.
+    let loaded = c
+        .execute(
+            "return performance.getEntriesByType('resource').map((e) => e.name);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let loaded = loaded.as_array().unwrap();
+    assert!(!loaded.is_empty());
+    for url in loaded {
+        let url = url.as_str().unwrap();
+        assert!(url.starts_with(&format!("http://{http}/")), "{url}");
+    }
 }
 
 /// `encodeURIComponent` for the characters an address has.
