@@ -623,3 +623,53 @@ async fn a_message_larger_than_the_whole_sink_is_refused_for_good_while_it_strea
         .await;
     assert!(reply.starts_with("250 2.0.0 Ok: delivered as "), "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_of_the_api_is_json() {
+    let (_s, base) = sink_server().await;
+    let http = reqwest::Client::new();
+    let json_error = |r: reqwest::Response| async move {
+        assert_eq!(r.headers()["content-type"], "application/json");
+        r.json::<serde_json::Value>().await.unwrap()
+    };
+    // A method the route does not have.
+    let r = http.post(format!("{base}/{BOX}")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET,HEAD,DELETE");
+    assert_eq!(
+        json_error(r).await,
+        serde_json::json!({"error": "method not allowed"})
+    );
+    let r = http
+        .put(format!("{base}/{BOX}/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        json_error(r).await,
+        serde_json::json!({"error": "method not allowed"})
+    );
+    // A path segment that is not UTF-8.
+    let r = http
+        .get(format!("{base}/%FF%FE@x.tmp.example.org"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        json_error(r).await,
+        serde_json::json!({"error": "Invalid URL: Invalid UTF-8 in `address`"})
+    );
+    // Ours were JSON already and stay as they were.
+    let r = http
+        .get(format!("{base}/{BOX}/0123456789abcdef"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        json_error(r).await,
+        serde_json::json!({"error": "no such message"})
+    );
+}

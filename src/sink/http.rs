@@ -125,7 +125,8 @@ impl Sink {
 }
 
 /// Headers every answer carries: nothing is cached, sniffed or referred.
-async fn common_headers(mut response: Response) -> Response {
+async fn common_headers(response: Response) -> Response {
+    let mut response = json_errors(response).await;
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
@@ -137,6 +138,37 @@ async fn common_headers(mut response: Response) -> Response {
         HeaderValue::from_static("no-referrer"),
     );
     response
+}
+
+/// axum's own rejections (a path segment that is not UTF-8, a method a
+/// route does not have) answer in plain text or with no body; the API
+/// answers every error as `{"error": "…"}`, keeping the status (and Allow).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| {
+            status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_ascii_lowercase()
+        });
+    let mut out = ApiError(status, text).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 /// The sink mailbox named by a path segment, or why not.
