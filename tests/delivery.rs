@@ -1,5 +1,8 @@
 //! Durable maildir delivery through the public API, asserting exact bytes
-//! on disk. The disk-full test mounts a tmpfs and so needs root.
+//! on disk, and the quota replies over SMTP. The disk-full test mounts a
+//! tmpfs and so needs root.
+
+mod common;
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -741,4 +744,76 @@ async fn a_full_disk_fails_cleanly_and_keeps_earlier_mail() {
         expected_paths,
         "nothing partial in new/, nothing left in tmp/"
     );
+}
+
+/// Quota over SMTP: a message that would take a mailbox past its quota is
+/// refused `452 4.2.2` at the end of DATA and reaches none of its
+/// recipients; once the mailbox is exactly full, RCPT itself is `452 4.2.2`
+/// while other recipients are still accepted.
+#[tokio::test]
+async fn quota_is_452_at_the_end_of_data_and_then_at_rcpt() {
+    const QUOTA: u64 = 2000;
+    const FULL: &str = "452 4.2.2 Mailbox full, try again later";
+    let s = common::server::TestServer::start(|_| {}).await;
+    s.directory
+        .user_add("carol@example.org", Some('+'), None, QUOTA)
+        .await
+        .unwrap();
+    let body = |n: usize| format!("Subject: quota\r\n\r\n{}\r\n", "x".repeat(n));
+    // What a body of `n` x's takes on disk, less our trace headers: its
+    // three CRLFs become LFs.
+    let lf_len = |n: usize| (body(n).len() - 3) as u64;
+    let mut c = s.connect().await;
+    c.greeting().await;
+
+    let r = c
+        .send_mail("s@remote.example", &["carol@example.org"], &body(1100))
+        .await;
+    assert!(r.starts_with("250 2.0.0 Ok: delivered as "), "{r}");
+    let first = s.new_files("carol@example.org");
+    assert_eq!(first.len(), 1);
+    let used = std::fs::metadata(&first[0]).unwrap().len();
+    let headers = used - lf_len(1100);
+
+    // Carol has room at RCPT time but not for this message: nobody gets it.
+    let r = c
+        .send_mail(
+            "s@remote.example",
+            &["alice@example.org", "carol@example.org"],
+            &body(1100),
+        )
+        .await;
+    assert_eq!(r, format!("{FULL}\r\n"));
+    assert_eq!(s.new_files("carol@example.org"), first);
+    assert_eq!(s.new_files("alice@example.org"), Vec::<PathBuf>::new());
+
+    // A message that fills the quota exactly still fits...
+    let n = (QUOTA - used - headers) as usize - lf_len(0) as usize;
+    let r = c
+        .send_mail("s@remote.example", &["carol@example.org"], &body(n))
+        .await;
+    assert!(r.starts_with("250 2.0.0 Ok: delivered as "), "{r}");
+    let files = s.new_files("carol@example.org");
+    let sizes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    assert_eq!((files.len(), sizes), (2, QUOTA));
+
+    // ...and then RCPT refuses carol, not alice.
+    c.cmd_prefix("EHLO client.example", "250-mx.example.org")
+        .await;
+    c.cmd("MAIL FROM:<s@remote.example>", "250 2.1.0 Sender ok")
+        .await;
+    c.cmd("RCPT TO:<carol@example.org>", FULL).await;
+    c.cmd("RCPT TO:<carol+tag@example.org>", FULL).await;
+    c.cmd("RCPT TO:<alice@example.org>", "250 2.1.5 Recipient ok")
+        .await;
+    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    c.send(body(10).as_bytes()).await;
+    c.send(b".\r\n").await;
+    let r = c.reply().await;
+    assert!(r.starts_with("250 2.0.0 Ok: delivered as "), "{r}");
+    assert_eq!(s.new_files("alice@example.org").len(), 1);
+    assert_eq!(s.new_files("carol@example.org").len(), 2);
 }
