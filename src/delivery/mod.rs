@@ -114,6 +114,13 @@ impl Maildirs {
             .recursive(true)
             .mode(0o700)
             .create(&root)?;
+        // The root's own entry must be durable too: every maildir hangs off
+        // it. Once per start, so the fsync costs nothing that matters.
+        let parent = match root.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        maildir::fsync_dir(parent)?;
         let spool_dir = root.join(SPOOL_DIR);
         DirBuilder::new()
             .recursive(true)
