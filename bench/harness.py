@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DOMAIN = "bench.test"
@@ -309,11 +309,20 @@ class Result:
     accepted_s: float  # until every session had its last 250
     delivered_s: float  # until the last copy was in new/
     rss_peak: int | None = None
-    notes: list = field(default_factory=list)
+    cpu_s: float = 0.0  # busy CPU time of the whole machine over the run
+
 
     @property
     def msgs_per_s(self):
         return self.load.messages / self.delivered_s
+
+
+def cpu_busy():
+    """Seconds of CPU the whole machine has spent busy (not idle or waiting
+    for I/O) since boot: the server, its helpers and smtp-source together."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def count_new(root, mailboxes):
@@ -335,6 +344,7 @@ def one_run(server, load, payload_digest):
             mailboxes[r] = mailboxes.get(r, 0) + per_session
     expected = load.messages * load.rcpts
     peak_rss = 0
+    cpu0 = cpu_busy()
     t0 = time.monotonic()
     procs = [
         subprocess.Popen(
@@ -358,7 +368,7 @@ def one_run(server, load, payload_digest):
                 raise SystemExit(f"{server.name} {load.name}: copies missing after {RUN_TIMEOUT} s")
             time.sleep(0.01)
     delivered = time.monotonic() - t0
-    result = Result(server.name, load, accepted, delivered)
+    result = Result(server.name, load, accepted, delivered, cpu_s=cpu_busy() - cpu0)
     result.rss_peak = server.rss_peak() or peak_rss or None
     if server.maildir:
         verify(server, load, mailboxes, payload_digest)
@@ -518,6 +528,16 @@ def report(results, args, idle, versions, out_dir):
     w("")
     w("Postfix answers 250 when its queue file is safe and delivers later; its time to new/ "
       "is in the throughput table.\n")
+    w("## CPU (ms of busy CPU per message, whole machine, smtp-source included)\n")
+    w("| load | " + " | ".join(servers) + " |")
+    w("|---|" + "---|" * len(servers))
+    for load in the_loads:
+        cells = []
+        for s in servers:
+            rs = by.get((load, s))
+            cells.append(f"{median([r.cpu_s / load.messages for r in rs]) * 1000:.3f}" if rs else "–")
+        w(f"| {load.name} | " + " | ".join(cells) + " |")
+    w("")
     w("## Memory\n")
     w("| load | " + " | ".join(servers) + " |")
     w("|---|" + "---|" * len(servers))
