@@ -8,13 +8,21 @@ use std::sync::Arc;
 use crate::delivery::DeliveryError;
 use crate::directory::{Mailbox, Route};
 use crate::envelope::Envelope;
+use crate::sink::Reservation;
 use crate::smtp::Context;
 use crate::smtp::reply::Reply;
 use crate::spool::Spool;
 
 /// Delivers every copy of a received message; the reply tells the client
-/// whether all of them are safe.
-pub async fn deliver(ctx: &Context, envelope: &Envelope, spool: Spool) -> Reply {
+/// whether all of them are safe. `reserved` is the room the content took in
+/// the sink's byte bound while it streamed in (sink transactions only); the
+/// first sink copy takes it over, and whatever is left goes at the return.
+pub async fn deliver(
+    ctx: &Context,
+    envelope: &Envelope,
+    spool: Spool,
+    mut reserved: Option<Reservation>,
+) -> Reply {
     let mut mailboxes: Vec<Mailbox> = Vec::new();
     let mut sinks = Vec::new();
     for r in &envelope.recipients {
@@ -43,7 +51,7 @@ pub async fn deliver(ctx: &Context, envelope: &Envelope, spool: Spool) -> Reply 
             let header = envelope.received_header(rcpt);
             if ctx
                 .sink
-                .insert_received(rcpt, *ttl, &header, content)
+                .insert_received(rcpt, *ttl, &header, content, reserved.as_mut())
                 .is_err()
             {
                 return Reply::sink_full();

@@ -673,3 +673,154 @@ async fn every_error_of_the_api_is_json() {
         serde_json::json!({"error": "no such message"})
     );
 }
+
+/// Issue #5: sink mail still arriving counts toward `sink.max_bytes` with
+/// what is stored, so concurrent sessions cannot hold more than the bound
+/// between them. In-flight content cannot be evicted, so the session that
+/// finds no room hears 452 4.3.1 at the end of its data in either mode;
+/// it gives back all it held, and its session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_still_arriving_counts_toward_the_sinks_byte_bound() {
+    for mode in [
+        letterbox::config::WhenFull::Evict,
+        letterbox::config::WhenFull::Refuse,
+    ] {
+        let s = TestServer::start(|c| {
+            c.sink.enabled = true;
+            c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+            c.sink.when_full = mode;
+            c.sink.max_bytes = letterbox::units::ByteSize(10_000);
+        })
+        .await;
+        s.directory
+            .sink_add("*.tmp.example.org", 3600)
+            .await
+            .unwrap();
+        let running = s.running.as_ref().unwrap();
+        let sink = running.context.sink.clone();
+        let base = format!("http://{}/api/v1/mailbox", running.http_addr.unwrap());
+
+        // Session one holds a transaction open after 4,000 of its 5,000 bytes.
+        let first = sized(5000);
+        let mut one = s.connect().await;
+        one.greeting().await;
+        one.cmd_prefix("EHLO client.example", "250-mx.example.org")
+            .await;
+        one.cmd("MAIL FROM:<a@remote.example>", "250 2.1.0 Sender ok")
+            .await;
+        one.cmd(&format!("RCPT TO:<{BOX}>"), "250 2.1.5 Recipient ok")
+            .await;
+        one.send(format!("BDAT 4000\r\n{}", &first[..4000]).as_bytes())
+            .await;
+        assert_eq!(one.reply().await, "250 2.0.0 4000 octets received\r\n");
+        assert_eq!((sink.in_flight(), sink.usage()), (4000, (0, 0)), "{mode:?}");
+
+        // Session two streams 7,000 bytes meanwhile: 4,000 + 7,000 > 10,000.
+        let mut two = s.connect().await;
+        two.greeting().await;
+        let reply = two
+            .send_mail("b@remote.example", &[OTHER], &sized(7000))
+            .await;
+        assert_eq!(
+            reply, "452 4.3.1 Insufficient system storage, try again later\r\n",
+            "{mode:?}"
+        );
+        // What it held is free again; session one's share is untouched.
+        assert_eq!((sink.in_flight(), sink.usage()), (4000, (0, 0)), "{mode:?}");
+
+        one.send(format!("BDAT 1000 LAST\r\n{}", &first[4000..]).as_bytes())
+            .await;
+        let reply = one.reply().await;
+        assert!(
+            reply.starts_with("250 2.0.0 Ok: delivered as "),
+            "{mode:?}: {reply}"
+        );
+        assert!(list(&base, OTHER).await.is_empty());
+        let held = list(&base, BOX).await;
+        assert_eq!(held.len(), 1, "{mode:?}");
+        let source = reqwest::get(format!(
+            "{base}/{BOX}/{}/source",
+            held[0]["id"].as_str().unwrap()
+        ))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+        assert!(source.ends_with(first.as_bytes()));
+        let stored = source.len() as u64;
+        assert_eq!(
+            (sink.in_flight(), sink.usage()),
+            (0, (stored, 1)),
+            "{mode:?}"
+        );
+
+        // The refused session read its message to the end and goes on; a
+        // third message fits beside the first, evicting nothing.
+        let reply = two
+            .send_mail("b@remote.example", &[OTHER], &sized(4000))
+            .await;
+        assert!(
+            reply.starts_with("250 2.0.0 Ok: delivered as "),
+            "{mode:?}: {reply}"
+        );
+        let third = list(&base, OTHER).await;
+        assert_eq!(third.len(), 1);
+        let third = third[0]["size"].as_u64().unwrap();
+        assert!(stored + third <= 10_000);
+        assert_eq!(list(&base, BOX).await, held, "{mode:?}");
+        assert_eq!(
+            (sink.in_flight(), sink.usage()),
+            (0, (stored + third, 2)),
+            "{mode:?}"
+        );
+    }
+}
+
+/// A sink recipient added between BDAT chunks would join content already
+/// spooled for a maildir (on disk past `maildir.spool_memory_limit`, and
+/// outside the sink's bounds): it is refused, and the transaction goes on
+/// for the recipients it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_recipient_joins_a_transaction_once_bdat_content_has_begun() {
+    let s = TestServer::start(|c| {
+        c.sink.enabled = true;
+        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+        c.maildir.spool_memory_limit = letterbox::units::ByteSize(100);
+    })
+    .await;
+    s.directory
+        .sink_add("*.tmp.example.org", 3600)
+        .await
+        .unwrap();
+    let sink = s.running.as_ref().unwrap().context.sink.clone();
+    let mut c = s.connect().await;
+    c.greeting().await;
+    c.cmd_prefix("EHLO client.example", "250-mx.example.org")
+        .await;
+    c.cmd("MAIL FROM:<a@remote.example>", "250 2.1.0 Sender ok")
+        .await;
+    c.cmd("RCPT TO:<alice@example.org>", "250 2.1.5 Recipient ok")
+        .await;
+    let body = sized(500);
+    c.send(format!("BDAT 300\r\n{}", &body[..300]).as_bytes())
+        .await;
+    assert_eq!(c.reply().await, "250 2.0.0 300 octets received\r\n");
+    for rcpt in [BOX, "bob@example.org"] {
+        c.cmd(
+            &format!("RCPT TO:<{rcpt}>"),
+            "503 5.5.1 RCPT not allowed during BDAT transfer",
+        )
+        .await;
+    }
+    c.send(format!("BDAT 200 LAST\r\n{}", &body[300..]).as_bytes())
+        .await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("250 2.0.0 Ok: delivered as "), "{reply}");
+    let files = s.new_files("alice@example.org");
+    assert_eq!(files.len(), 1);
+    let stored = std::fs::read(&files[0]).unwrap();
+    assert!(stored.ends_with(body.replace("\r\n", "\n").as_bytes()));
+    assert!(s.new_files("bob@example.org").is_empty());
+    assert_eq!((sink.in_flight(), sink.usage()), (0, (0, 0)));
+}

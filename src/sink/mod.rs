@@ -14,4 +14,4 @@ pub mod sanitize;
 pub mod store;
 
 pub use message::{Attachment, Detail, Header, Summary};
-pub use store::{Message, Sink, SinkFull};
+pub use store::{Message, Reservation, Sink, SinkFull};

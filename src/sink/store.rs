@@ -20,8 +20,9 @@ use crate::config::{SinkConfig, WhenFull};
 /// Announcements kept for slow SSE / wait listeners before they lag.
 const EVENT_CAPACITY: usize = 256;
 
-/// Returned when a message does not fit: refuse mode at a bound, or a
-/// message larger than the SMTP limit or the whole store.
+/// Returned when a message does not fit: refuse mode at a bound, a
+/// message larger than the SMTP limit or the whole store, or (in either
+/// mode) when mail still arriving holds the room it would need.
 #[derive(Debug, thiserror::Error)]
 #[error("the sink is full")]
 pub struct SinkFull;
@@ -81,7 +82,8 @@ struct Shared {
 
 #[derive(Debug, Clone, Copy)]
 struct Limits {
-    /// Total bytes of raw message data.
+    /// Total bytes of sink mail in memory: stored plus in flight (see
+    /// [`Reservation`]).
     max_bytes: u64,
     /// Messages per mailbox.
     max_per_mailbox: usize,
@@ -101,6 +103,9 @@ struct State {
     expirations: BTreeSet<(Instant, u64)>,
     /// Sum of `raw.len()` over every message held.
     bytes: u64,
+    /// Bytes of sink content still streaming in over SMTP, held by live
+    /// [`Reservation`]s; `bytes + in_flight <= max_bytes` at all times.
+    in_flight: u64,
     /// Next insertion number.
     next_seq: u64,
     /// Set when the last handle goes; the purge task then returns.
@@ -116,6 +121,71 @@ impl Drop for DropGuard {
     fn drop(&mut self) {
         self.shared.state.lock().unwrap().shutdown = true;
         self.shared.purge.notify_one();
+    }
+}
+
+/// Room in the sink's byte bound held for content still arriving (one SMTP
+/// transaction's), taken a chunk at a time with [`Reservation::grow`] as
+/// the content is decoded, given back when dropped, and turned into the
+/// stored copy's accounting by [`Sink::insert_received`].
+///
+/// One bound covers both: stored bytes plus in-flight bytes never exceed
+/// `sink.max_bytes`, so that is the most sink mail in memory however many
+/// sessions are receiving at once. A message's bytes count once: as in
+/// flight while they arrive, then as stored when the insert converts its
+/// reservation (the spool's copy, gone when the transaction ends, is not
+/// counted again). Stored messages may be evicted (evict mode) to make room
+/// for either; in-flight bytes never are: nobody has been told 250 for them
+/// yet, and there is nobody to tell. So when in-flight bytes alone leave no
+/// room, more content is refused in both modes and the client hears
+/// 452 4.3.1, try again later. In evict mode a message that streams in
+/// evicts as it goes, so what it pushed out stays gone even if it is then
+/// refused for another reason.
+#[must_use = "a reservation holds room only while it lives"]
+pub struct Reservation {
+    /// The store whose `in_flight` this counts in.
+    shared: Arc<Shared>,
+    /// Bytes held; what the drop gives back.
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Holds `n` more bytes. In evict mode the oldest stored messages go to
+    /// make room, but only when that is enough; Err(SinkFull) when it is
+    /// not (in-flight bytes leave too little) or, in refuse mode, whenever
+    /// the bound would be crossed. On Err nothing changed.
+    pub fn grow(&mut self, n: u64) -> Result<(), SinkFull> {
+        if n == 0 {
+            return Ok(());
+        }
+        let limits = self.shared.limits;
+        let mut state = self.shared.state.lock().unwrap();
+        state.make_room(n, limits)?;
+        state.in_flight += n;
+        self.bytes += n;
+        Ok(())
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // A converted or empty reservation has nothing to give back.
+        if self.bytes > 0 {
+            self.shared.state.lock().unwrap().in_flight -= self.bytes;
+        }
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("bytes", &self.bytes)
+            .finish()
     }
 }
 
@@ -154,20 +224,27 @@ impl Sink {
         if raw.len() as u64 > self.shared.limits.max_message_size {
             return Err(SinkFull);
         }
-        self.store(mailbox, ttl, raw)
+        self.store(mailbox, ttl, raw, None)
     }
 
     /// Stores one copy of a message received over SMTP: our `trace` header,
     /// then the `content` the client sent. The size limit (SIZE, RFC 1870)
     /// is the client's and counts the content alone, so a message at the
     /// limit still fits with the trace header on top; the store's own byte
-    /// bound counts the whole copy. Otherwise as [`Sink::insert`].
+    /// bound counts the whole copy.
+    ///
+    /// `reserved` is the room the content took while it streamed in: the
+    /// copy uses what it holds first (the reservation shrinks by that much,
+    /// so its bytes are counted once) and needs room only for the rest, the
+    /// trace header and any further copy. On Err the reservation is left as
+    /// it was. Otherwise as [`Sink::insert`].
     pub fn insert_received(
         &self,
         mailbox: &str,
         ttl: Duration,
         trace: &str,
         content: &[u8],
+        reserved: Option<&mut Reservation>,
     ) -> Result<(), SinkFull> {
         if content.len() as u64 > self.shared.limits.max_message_size {
             return Err(SinkFull);
@@ -175,16 +252,40 @@ impl Sink {
         let mut raw = BytesMut::with_capacity(trace.len() + content.len());
         raw.put_slice(trace.as_bytes());
         raw.put_slice(content);
-        self.store(mailbox, ttl, raw.freeze())
+        self.store(mailbox, ttl, raw.freeze(), reserved)
+    }
+
+    /// An empty reservation, for content about to arrive over SMTP: see
+    /// [`Reservation`].
+    pub fn reservation(&self) -> Reservation {
+        Reservation {
+            shared: self.shared.clone(),
+            bytes: 0,
+        }
     }
 
     /// Both inserts past their size check: the store's bounds, then in.
-    fn store(&self, mailbox: &str, ttl: Duration, raw: Bytes) -> Result<(), SinkFull> {
+    fn store(
+        &self,
+        mailbox: &str,
+        ttl: Duration,
+        raw: Bytes,
+        reserved: Option<&mut Reservation>,
+    ) -> Result<(), SinkFull> {
         let limits = self.shared.limits;
         let size = raw.len() as u64;
         if size > limits.max_bytes || limits.max_per_mailbox == 0 {
             return Err(SinkFull);
         }
+        if let Some(r) = &reserved {
+            debug_assert!(
+                Arc::ptr_eq(&r.shared, &self.shared),
+                "another sink's reservation"
+            );
+        }
+        // What the reservation already holds for this copy needs no new room.
+        let converted = reserved.as_ref().map_or(0, |r| r.bytes.min(size));
+        let need = size - converted;
         let mailbox = mailbox.to_lowercase();
         let received_at = Utc::now();
         let now = Instant::now();
@@ -201,13 +302,19 @@ impl Sink {
                 None => mailbox.into(),
             };
             let held = state.mailboxes.get(&key).map_or(0, VecDeque::len);
+            // The converted bytes move from in flight to stored: the sum,
+            // which the bound is about, is unchanged by that.
             match limits.when_full {
                 WhenFull::Refuse => {
-                    if held >= limits.max_per_mailbox || state.bytes + size > limits.max_bytes {
+                    if held >= limits.max_per_mailbox || !state.fits(need, limits) {
                         return Err(SinkFull);
                     }
                 }
                 WhenFull::Evict => {
+                    // Nothing goes for a copy that cannot fit anyway.
+                    if !state.can_fit(need, limits) {
+                        return Err(SinkFull);
+                    }
                     // The mailbox's own oldest make room under its count cap…
                     while let Some(queue) = state
                         .mailboxes
@@ -221,13 +328,12 @@ impl Sink {
                         };
                     }
                     // …and the globally oldest under the byte cap.
-                    while state.bytes + size > limits.max_bytes {
-                        let Some((&seq, _)) = state.order.first_key_value() else {
-                            break;
-                        };
-                        state.remove(seq);
-                    }
+                    state.make_room(need, limits)?;
                 }
+            }
+            if let Some(r) = reserved {
+                r.bytes -= converted;
+                state.in_flight -= converted;
             }
             let seq = state.next_seq;
             state.next_seq += 1;
@@ -289,7 +395,8 @@ impl Sink {
     }
 
     /// RCPT-time check for refuse mode: false when the store is at a bound
-    /// and would refuse.
+    /// (stored and in-flight bytes together for the byte bound) and would
+    /// refuse.
     pub fn has_room(&self, mailbox: &str) -> bool {
         let limits = self.shared.limits;
         if limits.max_per_mailbox == 0 {
@@ -303,13 +410,19 @@ impl Sink {
             .mailboxes
             .get(mailbox.to_lowercase().as_str())
             .map_or(0, VecDeque::len);
-        held < limits.max_per_mailbox && state.bytes < limits.max_bytes
+        held < limits.max_per_mailbox && state.bytes + state.in_flight < limits.max_bytes
     }
 
     /// Total bytes and messages held (for tests and metrics).
     pub fn usage(&self) -> (u64, usize) {
         let state = self.shared.state.lock().unwrap();
         (state.bytes, state.order.len())
+    }
+
+    /// Bytes held by reservations for content still arriving (for tests
+    /// and metrics).
+    pub fn in_flight(&self) -> u64 {
+        self.shared.state.lock().unwrap().in_flight
     }
 
     /// The mailbox's messages, newest first.
@@ -384,6 +497,36 @@ impl Sink {
 }
 
 impl State {
+    /// Whether `n` more bytes fit under the byte bound as things are.
+    fn fits(&self, n: u64, limits: Limits) -> bool {
+        self.bytes + self.in_flight + n <= limits.max_bytes
+    }
+
+    /// Whether `n` more bytes could fit once every stored message is gone:
+    /// in-flight bytes cannot be evicted.
+    fn can_fit(&self, n: u64, limits: Limits) -> bool {
+        self.in_flight + n <= limits.max_bytes
+    }
+
+    /// Makes room for `n` more bytes under the byte bound: in evict mode by
+    /// forgetting the globally oldest messages, but only when that is
+    /// enough. Err(SinkFull), with nothing removed, when it is not.
+    fn make_room(&mut self, n: u64, limits: Limits) -> Result<(), SinkFull> {
+        if self.fits(n, limits) {
+            return Ok(());
+        }
+        if limits.when_full == WhenFull::Refuse || !self.can_fit(n, limits) {
+            return Err(SinkFull);
+        }
+        while !self.fits(n, limits) {
+            let Some((&seq, _)) = self.order.first_key_value() else {
+                break;
+            };
+            self.remove(seq);
+        }
+        Ok(())
+    }
+
     /// Forgets message `seq` everywhere; its bytes are freed once no reader
     /// holds it, and an emptied mailbox gives its map slot back.
     fn remove(&mut self, seq: u64) -> Option<Arc<Message>> {
@@ -544,10 +687,10 @@ mod tests {
     async fn the_size_limit_counts_received_content_not_our_trace_header() {
         let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 100);
         let trace = "Received: from x\r\n";
-        sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(1, 100))
+        sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(1, 100), None)
             .unwrap();
         assert!(
-            sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(2, 101))
+            sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(2, 101), None)
                 .is_err()
         );
         let stored = sink.list("a@x.tmp.example.org");
@@ -561,7 +704,7 @@ mod tests {
         // The store's byte bound still counts the whole copy.
         let sink = Sink::new(&config(110, 10, WhenFull::Evict), 100);
         assert!(
-            sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(1, 100))
+            sink.insert_received("a@x.tmp.example.org", HOUR, trace, &msg(1, 100), None)
                 .is_err()
         );
         assert_eq!(sink.usage(), (0, 0));
@@ -674,6 +817,231 @@ mod tests {
         let state = sink.shared.state.lock().unwrap();
         assert_eq!(state.mailboxes.len(), 1);
         assert_eq!(state.expirations.len(), 1);
+    }
+
+    /// Holds `n` bytes in a fresh reservation, or says it could not.
+    fn reserve(sink: &Sink, n: u64) -> Result<Reservation, SinkFull> {
+        let mut r = sink.reservation();
+        r.grow(n)?;
+        Ok(r)
+    }
+
+    #[tokio::test]
+    async fn a_reservation_holds_room_and_gives_it_back_when_dropped() {
+        for mode in [WhenFull::Evict, WhenFull::Refuse] {
+            let sink = Sink::new(&config(1000, 10, mode), 1000);
+            let mut r = sink.reservation();
+            assert_eq!((r.bytes(), sink.in_flight()), (0, 0));
+            r.grow(300).unwrap();
+            r.grow(200).unwrap();
+            let other = reserve(&sink, 100).unwrap();
+            assert_eq!(
+                (r.bytes(), other.bytes(), sink.in_flight()),
+                (500, 100, 600)
+            );
+            // Held room is not stored mail.
+            assert_eq!(sink.usage(), (0, 0));
+            drop(r);
+            assert_eq!(sink.in_flight(), 100);
+            drop(other);
+            assert_eq!(sink.in_flight(), 0);
+            // All of it is free again.
+            let all = reserve(&sink, 1000).unwrap();
+            assert_eq!(sink.in_flight(), 1000);
+            drop(all);
+            assert_eq!(sink.in_flight(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn stored_and_in_flight_bytes_share_one_bound() {
+        let sink = Sink::new(&config(1000, 10, WhenFull::Refuse), 1000);
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 600))
+            .unwrap();
+        let mut r = reserve(&sink, 300).unwrap();
+        r.grow(100).unwrap();
+        // 600 stored + 400 in flight: not one byte more, and the refused
+        // growth changed nothing.
+        assert!(r.grow(1).is_err());
+        assert_eq!((r.bytes(), sink.in_flight()), (400, 400));
+        assert!(!sink.has_room("b@x.tmp.example.org"));
+        assert!(
+            sink.insert("b@x.tmp.example.org", HOUR, msg(2, 20))
+                .is_err()
+        );
+        assert_eq!(sink.usage(), (600, 1));
+        drop(r);
+        assert!(sink.has_room("b@x.tmp.example.org"));
+        sink.insert("b@x.tmp.example.org", HOUR, msg(2, 400))
+            .unwrap();
+        assert_eq!(sink.usage(), (1000, 2));
+    }
+
+    #[tokio::test]
+    async fn inserting_converts_the_reservation_so_the_bytes_count_once() {
+        let sink = Sink::new(&config(1000, 10, WhenFull::Refuse), 1000);
+        let trace = "Received: from x\r\n";
+        let content = msg(1, 900);
+        let mut r = reserve(&sink, 900).unwrap();
+        // 900 held + an 18-byte trace header: 918 of 1000, not 1818.
+        sink.insert_received("a@x.tmp.example.org", HOUR, trace, &content, Some(&mut r))
+            .unwrap();
+        assert_eq!(r.bytes(), 0);
+        assert_eq!(sink.in_flight(), 0);
+        assert_eq!(sink.usage(), (918, 1));
+        // Dropping the converted reservation gives nothing back twice.
+        drop(r);
+        assert_eq!((sink.in_flight(), sink.usage()), (0, (918, 1)));
+
+        // A second copy of the same content needs room of its own: two
+        // copies are 1836 bytes.
+        let sink = Sink::new(&config(1835, 10, WhenFull::Refuse), 1000);
+        let mut r = reserve(&sink, 900).unwrap();
+        sink.insert_received("a@x.tmp.example.org", HOUR, trace, &content, Some(&mut r))
+            .unwrap();
+        assert!(
+            sink.insert_received("b@x.tmp.example.org", HOUR, trace, &content, Some(&mut r))
+                .is_err()
+        );
+        assert_eq!((sink.in_flight(), sink.usage()), (0, (918, 1)));
+
+        // A reservation larger than the copy keeps the difference until
+        // it is dropped.
+        let sink = Sink::new(&config(1000, 10, WhenFull::Refuse), 1000);
+        let mut r = reserve(&sink, 950).unwrap();
+        sink.insert_received(
+            "a@x.tmp.example.org",
+            HOUR,
+            trace,
+            &msg(1, 100),
+            Some(&mut r),
+        )
+        .unwrap();
+        assert_eq!(
+            (r.bytes(), sink.in_flight(), sink.usage()),
+            (832, 832, (118, 1))
+        );
+        drop(r);
+        assert_eq!(sink.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_insert_leaves_the_reservation_as_it_was() {
+        for mode in [WhenFull::Evict, WhenFull::Refuse] {
+            let sink = Sink::new(&config(1000, 10, mode), 1000);
+            let _other = reserve(&sink, 500).unwrap();
+            let mut r = reserve(&sink, 400).unwrap();
+            // The trace header needs 150 more: in flight holds 900 of 1000.
+            let trace = "X".repeat(148) + "\r\n";
+            assert!(
+                sink.insert_received(
+                    "a@x.tmp.example.org",
+                    HOUR,
+                    &trace,
+                    &msg(1, 400),
+                    Some(&mut r)
+                )
+                .is_err(),
+                "{mode:?}"
+            );
+            assert_eq!(
+                (r.bytes(), sink.in_flight(), sink.usage()),
+                (400, 900, (0, 0))
+            );
+            drop(r);
+            assert_eq!(sink.in_flight(), 500);
+        }
+    }
+
+    #[tokio::test]
+    async fn in_evict_mode_a_reservation_evicts_the_oldest_stored_to_make_room() {
+        let sink = Sink::new(&config(1000, 10, WhenFull::Evict), 1000);
+        for n in 1..=3 {
+            sink.insert("a@x.tmp.example.org", HOUR, msg(n, 300))
+                .unwrap();
+        }
+        let mut r = reserve(&sink, 100).unwrap();
+        assert_eq!(sink.usage(), (900, 3));
+        // 900 + 100 + 400 > 1000: the two oldest go, the newest stays.
+        r.grow(400).unwrap();
+        assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["3"]);
+        assert_eq!((sink.in_flight(), sink.usage()), (500, (300, 1)));
+        // An insert without a reservation makes room the same way, and
+        // never out of what is in flight.
+        sink.insert("b@x.tmp.example.org", HOUR, msg(4, 500))
+            .unwrap();
+        assert_eq!(subjects(&sink, "a@x.tmp.example.org"), Vec::<String>::new());
+        assert_eq!((sink.in_flight(), sink.usage()), (500, (500, 1)));
+    }
+
+    #[tokio::test]
+    async fn in_flight_bytes_alone_filling_the_bound_are_refused_even_in_evict_mode() {
+        let sink = Sink::new(&config(1000, 10, WhenFull::Evict), 1000);
+        sink.insert("a@x.tmp.example.org", HOUR, msg(1, 100))
+            .unwrap();
+        let first = reserve(&sink, 800).unwrap();
+        // 800 + 300 in flight could never fit: refused, and nothing stored
+        // is evicted for it.
+        let mut second = reserve(&sink, 100).unwrap();
+        assert!(second.grow(200).is_err());
+        assert!(reserve(&sink, 201).is_err());
+        assert!(
+            sink.insert("b@x.tmp.example.org", HOUR, msg(2, 201))
+                .is_err()
+        );
+        assert_eq!((sink.in_flight(), sink.usage()), (900, (100, 1)));
+        assert_eq!(subjects(&sink, "a@x.tmp.example.org"), ["1"]);
+        // Once the first lets go there is room again.
+        drop(first);
+        second.grow(200).unwrap();
+        assert_eq!((sink.in_flight(), sink.usage()), (300, (100, 1)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_receivers_never_cross_the_bound_and_give_everything_back() {
+        let sink = Sink::new(&config(2_000, 5, WhenFull::Evict), 1000);
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let sink = sink.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..300usize {
+                    let content = msg(n, 60 + (n * 7 + t) % 90);
+                    let mut r = sink.reservation();
+                    let mut refused = false;
+                    for part in content.chunks(25) {
+                        if r.grow(part.len() as u64).is_err() {
+                            refused = true;
+                            break;
+                        }
+                        let state = sink.shared.state.lock().unwrap();
+                        assert!(state.bytes + state.in_flight <= 2_000);
+                    }
+                    if !refused && n % 3 != 0 {
+                        let _ = sink.insert_received(
+                            &format!("u{}@x.tmp.example.org", (t + n) % 7),
+                            HOUR,
+                            "Received: x\r\n",
+                            &content,
+                            Some(&mut r),
+                        );
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let state = sink.shared.state.lock().unwrap();
+        assert_eq!(state.in_flight, 0);
+        let bytes: u64 = state
+            .mailboxes
+            .values()
+            .flatten()
+            .map(|m| m.raw.len() as u64)
+            .sum();
+        assert_eq!(bytes, state.bytes);
+        assert!(state.bytes <= 2_000 && !state.order.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ use super::reply::Reply;
 use super::session::{Next, Read, Session};
 use crate::config::BareLf;
 use crate::envelope::{self, Envelope, Received};
+use crate::sink::Reservation;
 use crate::spool::Spool;
 
 /// Content is written to the spool in pieces of about this size.
@@ -33,10 +34,17 @@ struct Body {
     max: u64,
     too_big: bool,
     spool_error: Option<std::io::Error>,
+    /// Room in the sink's byte bound for this content, taken as it is
+    /// decoded; None when no recipient is a sink (the maildir path never
+    /// touches the sink's budget) or once `sink_full` let it go.
+    reservation: Option<Reservation>,
+    /// The sink had no room for more of this content: the rest is read and
+    /// discarded, and the answer is 452 4.3.1.
+    sink_full: bool,
 }
 
 impl Body {
-    fn new(decoder: Decoder, spool: Spool, max: u64) -> Body {
+    fn new(decoder: Decoder, spool: Spool, max: u64, reservation: Option<Reservation>) -> Body {
         Body {
             decoder,
             spool,
@@ -45,6 +53,8 @@ impl Body {
             max,
             too_big: false,
             spool_error: None,
+            reservation,
+            sink_full: false,
         }
     }
 
@@ -60,16 +70,29 @@ impl Body {
     }
 
     fn account(&mut self, before: usize) {
-        self.size += (self.pending.len() - before) as u64;
+        let n = (self.pending.len() - before) as u64;
+        self.size += n;
         if self.size > self.max {
-            // Keep reading to the end, storing nothing more.
             self.too_big = true;
+        } else if let Some(r) = &mut self.reservation
+            && r.grow(n).is_err()
+        {
+            self.sink_full = true;
+        }
+        if self.too_big || self.sink_full {
+            // Keep reading to the end, storing nothing more.
             self.pending.clear();
+            if self.reservation.take().is_some() {
+                // A sink message that will be refused gives its memory and
+                // its room in the sink back now, not at the end of data.
+                self.spool = Spool::new(0, None);
+            }
         }
     }
 
     fn flush(&mut self) {
         if !self.too_big
+            && !self.sink_full
             && self.spool_error.is_none()
             && !self.pending.is_empty()
             && let Err(e) = self.spool.write(&self.pending)
@@ -106,7 +129,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             self.ctx.config.smtp.max_message_size.0
         };
-        Body::new(decoder, Spool::new(limit, dir), max)
+        let reservation = has_sink.then(|| self.ctx.sink.reservation());
+        Body::new(decoder, Spool::new(limit, dir), max, reservation)
     }
 
     /// Checks that a transaction is ready for content.
@@ -215,6 +239,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else if let Some(e) = &body.spool_error {
             tracing::error!(error = %e, "spooling the message failed");
             Reply::local_error()
+        } else if body.sink_full {
+            // Even in evict mode: what filled the sink is still arriving.
+            Reply::sink_full()
         } else {
             let envelope = Envelope {
                 id: envelope::new_id(),
@@ -230,7 +257,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     date: envelope::rfc5322_now(),
                 },
             };
-            let reply = crate::dispatch::deliver(&self.ctx, &envelope, body.spool).await;
+            let reply =
+                crate::dispatch::deliver(&self.ctx, &envelope, body.spool, body.reservation).await;
             id = Some(envelope.id);
             reply
         };

@@ -23,6 +23,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(tx) = &self.tx else {
             return Reply::bad_sequence("Need MAIL command");
         };
+        // Once content has begun the recipients are fixed: how it is kept
+        // (on disk, or in memory within the sink's bounds) was chosen for them.
+        if tx.bdat.is_some() {
+            return Reply::bad_sequence("RCPT not allowed during BDAT transfer");
+        }
         if tx.recipients.len() >= self.ctx.config.smtp.max_recipients {
             return Reply::too_many_recipients();
         }
