@@ -81,6 +81,9 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
             if unsupported {
                 return Err(Reply::unsupported_parameter(mail_param_name(text)));
             }
+            if !spellable(&from.address) {
+                return Err(Reply::bad_sender());
+            }
             Command::Mail(MailFrom {
                 address: from.address.into_owned(),
                 size: (from.size != 0).then_some(from.size as u64),
@@ -91,6 +94,9 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         Request::Rcpt { to } => {
             if to.orcpt.is_some() || to.rrvs != 0 || to.flags != 0 {
                 return Err(Reply::unsupported_parameter(mail_param_name(text)));
+            }
+            if !spellable(&to.address) {
+                return Err(Reply::bad_recipient());
             }
             Command::Rcpt(to.address.into_owned())
         }
@@ -115,6 +121,28 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         | Request::Atrn { .. }
         | Request::Burl { .. } => Command::NotImplemented,
     })
+}
+
+/// Whether a path could have spelled `address`: a domain after the last
+/// `@`. smtp-proto drops quotes wherever they are, so `<a@"x y">` gives the
+/// domain `x y`, and `<a@".b <c@".d>` the sender `a@.b <c@.d`, which would
+/// reach Return-Path (found by fuzzing, docs/fuzzing.md). A quoted local
+/// part holding `@` still passes; the domain is checked in full later.
+fn spellable(address: &str) -> bool {
+    let Some((_, domain)) = address.rsplit_once('@') else {
+        // The null sender, or <Postmaster>.
+        return true;
+    };
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    !domain.is_empty()
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.chars().all(|c| {
+                    c.is_ascii_alphanumeric()
+                        || c == '-'
+                        || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+                })
+        })
 }
 
 /// The first parameter after the path, for the 555 reply text.
@@ -209,6 +237,19 @@ mod tests {
             (
                 "RCPT TO:<\"a@b\"@example.org>\r\n",
                 Ok(Command::Rcpt("a@b@example.org".into())),
+            ),
+            // Quotes outside the local part (fuzzing, docs/fuzzing.md).
+            (
+                "MAIL FROM:<a@\".eL FROM:<a@\".eg>\r\n",
+                Err("501 5.1.7 Bad sender address syntax\r\n"),
+            ),
+            (
+                "MAIL FROM:<a@\"exa mple.org\">\r\n",
+                Err("501 5.1.7 Bad sender address syntax\r\n"),
+            ),
+            (
+                "RCPT TO:<alice@\"exa mple.org\">\r\n",
+                Err("501 5.1.3 Bad recipient address syntax\r\n"),
             ),
             (
                 "RCPT TO:<u@example.org> NOTIFY=NEVER\r\n",
