@@ -337,6 +337,9 @@ def count_new(root, mailboxes):
 
 def one_run(server, load, payload_digest):
     server.clear()
+    # Start from a clean disk: no run pays for the writeback of the one
+    # before it (this filesystem's fsync cost swings with dirty data).
+    os.sync()
     per_session = load.messages // load.sessions
     mailboxes = {}
     for s in range(load.sessions):
