@@ -11,7 +11,7 @@ work=/var/tmp/letterbox-bench/sqlite
 config=$work/letterbox.toml
 [[ -f $config ]] || { echo "no $config: run bench/run.sh first" >&2; exit 1; }
 command -v perf >/dev/null || apt-get install -y -qq linux-perf strace >/dev/null
-binary=$PWD/target/release/letterbox
+binary=${CARGO_TARGET_DIR:-$PWD/target}/release/letterbox
 out=$(mktemp -d)
 
 load() {

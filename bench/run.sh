@@ -29,7 +29,7 @@ if ((${#missing[@]})); then
 fi
 
 cargo build --release --quiet
-binary=$PWD/target/release/letterbox
+binary=${CARGO_TARGET_DIR:-$PWD/target}/release/letterbox
 
 # 10,000 idle connections need as many descriptors in the server and here.
 ulimit -n "$(ulimit -Hn)"
