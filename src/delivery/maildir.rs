@@ -243,28 +243,31 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Creates `tmp/<name>` exclusively (mode 0600), writes `headers` (already
-/// LF) and the spool converted to LF, and fsyncs it. Returns the file's
-/// size. On error nothing is left behind.
+/// Creates `tmp/<name>` exclusively (mode 0600) and writes `headers`
+/// (already LF) and the spool converted to LF. Returns the open file, not
+/// yet synced (the caller fdatasyncs the copies of a transaction together),
+/// and its size. On error nothing is left behind.
 pub(crate) fn write_copy(
     path: &Path,
     headers: &[u8],
     spool: &Spool,
     buf: &mut Vec<u8>,
-) -> io::Result<u64> {
-    let file = OpenOptions::new()
+) -> io::Result<(File, u64)> {
+    let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(FILE_MODE)
         .open(path)?;
-    let r = fill(file, headers, spool, buf);
-    if r.is_err() {
-        let _ = std::fs::remove_file(path);
+    match fill(&mut file, headers, spool, buf) {
+        Ok(n) => Ok((file, n)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
     }
-    r
 }
 
-fn fill(mut file: File, headers: &[u8], spool: &Spool, buf: &mut Vec<u8>) -> io::Result<u64> {
+fn fill(file: &mut File, headers: &[u8], spool: &Spool, buf: &mut Vec<u8>) -> io::Result<u64> {
     let mut chunk = vec![0u8; COPY_CHUNK.min(spool.len() as usize).max(1)];
     buf.clear();
     buf.extend_from_slice(headers);
@@ -288,8 +291,6 @@ fn fill(mut file: File, headers: &[u8], spool: &Spool, buf: &mut Vec<u8>) -> io:
     file.write_all(buf)?;
     written += buf.len() as u64;
     buf.clear();
-    // fdatasync: a new file's size is part of what it flushes.
-    file.sync_data()?;
     Ok(written)
 }
 
@@ -423,7 +424,7 @@ mod tests {
         spool.write(&body).unwrap();
         let path = dir.path().join("copy");
         let mut buf = Vec::new();
-        let n = write_copy(&path, b"H: v\n", &spool, &mut buf).unwrap();
+        let (_, n) = write_copy(&path, b"H: v\n", &spool, &mut buf).unwrap();
         let mut want = b"H: v\n".to_vec();
         want.extend_from_slice(&b"x".repeat(COPY_CHUNK - 1));
         want.extend_from_slice(b"\nend\n");
