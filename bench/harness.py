@@ -597,8 +597,8 @@ def chart(by, servers, out_dir):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--binary", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--binary", type=Path)
+    ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--postfix-base", type=Path, default=Path("/var/mail/postfix-peer"))
     ap.add_argument("--postgres", help="admin URL; letterbox-pg runs when set")
@@ -607,7 +607,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a quarter of the messages")
     ap.add_argument("--only", help="comma-separated server names")
     ap.add_argument("--loads", help="comma-separated load names, e.g. 20s-4K-1r")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite RESULTS.md from OUT/results.json")
     args = ap.parse_args()
+    if args.report_only:
+        return report_only(args.out)
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -658,13 +662,31 @@ def main():
             idle = idle_connections(lb, args.idle)
         finally:
             lb.stop()
-    report(results, args, idle, versions(args.binary), args.out)
+    raw = {
+        "reps": args.reps,
+        "idle": [args.idle, idle],
+        "versions": versions(args.binary),
+        "results": [dict(vars(r), load=vars(r.load)) for r in results],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(raw, indent=1) + "\n")
+    report(results, args, idle, raw["versions"], args.out)
+
+
+def report_only(out):
+    """Rewrites RESULTS.md and the chart from results.json (after editing
+    analysis.md, say) without running anything."""
+    raw = json.loads((out / "results.json").read_text())
+    results = [Result(**dict(r, load=Load(**r["load"]))) for r in raw["results"]]
+    args = argparse.Namespace(reps=raw["reps"], idle=raw["idle"][0])
+    idle = tuple(raw["idle"][1]) if raw["idle"][1] else None
+    report(results, args, idle, raw["versions"], out)
 
 
 def pg_database(admin_url):
     """A fresh database for letterbox-pg on the server of `admin_url`."""
     base = admin_url.rsplit("/", 1)[0]
-    run(["psql", admin_url, "-q", "-c", "DROP DATABASE IF EXISTS letterbox_bench"])
+    run(["psql", admin_url, "-q", "-c", "DROP DATABASE IF EXISTS letterbox_bench WITH (FORCE)"])
     run(["psql", admin_url, "-q", "-c", "CREATE DATABASE letterbox_bench"])
     return f"{base}/letterbox_bench"
 
