@@ -268,23 +268,35 @@ pub(crate) fn write_copy(
 }
 
 fn fill(file: &mut File, headers: &[u8], spool: &Spool, buf: &mut Vec<u8>) -> io::Result<u64> {
-    let mut chunk = vec![0u8; COPY_CHUNK.min(spool.len() as usize).max(1)];
     buf.clear();
     buf.extend_from_slice(headers);
     let mut conv = LfConverter::default();
-    let mut offset = 0u64;
     let mut written = 0u64;
-    loop {
-        let n = spool.read_at(&mut chunk, offset)?;
-        if n == 0 {
-            break;
-        }
-        offset += n as u64;
-        conv.push(&chunk[..n], buf);
+    let mut push = |piece: &[u8], buf: &mut Vec<u8>| -> io::Result<()> {
+        conv.push(piece, buf);
         if buf.len() >= COPY_CHUNK {
             file.write_all(buf)?;
             written += buf.len() as u64;
             buf.clear();
+        }
+        Ok(())
+    };
+    if let Some(content) = spool.as_memory() {
+        // Read in place: a copy buffer per concurrent delivery is memory
+        // that a 100-session load multiplies.
+        for piece in content.chunks(COPY_CHUNK) {
+            push(piece, buf)?;
+        }
+    } else {
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        let mut offset = 0u64;
+        loop {
+            let n = spool.read_at(&mut chunk, offset)?;
+            if n == 0 {
+                break;
+            }
+            offset += n as u64;
+            push(&chunk[..n], buf)?;
         }
     }
     conv.finish(buf);
