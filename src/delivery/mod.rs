@@ -25,8 +25,8 @@
 //! transaction waiting for it. Concurrent transactions fdatasync their files
 //! concurrently, which lets the device merge their flushes, and share `new/`
 //! fsyncs through a group commit ([`dirsync`]). The copies of one
-//! transaction are synced side by side too ([`parallel`]): a message for five
-//! mailboxes waits for about one round of flushes, not ten in a row.
+//! transaction are synced side by side too ([`parallel`]), so a message for
+//! five mailboxes does not wait for ten flushes in a row.
 
 mod cleanup;
 mod dirsync;
