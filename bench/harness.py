@@ -518,39 +518,24 @@ def report(results, args, idle, versions, out_dir):
           + f" | {ratio(lb, pf)} | {ratio(pg, lb)} | {ratio(sk, ss)} |")
     w("")
     w("Load names: sessions-size-recipients. Each message to R recipients is R copies on disk.\n")
-    w("## Latency (mean time per message within one session, connect to 250)\n")
-    w("| load | " + " | ".join(servers) + " |")
-    w("|---|" + "---|" * len(servers))
-    for load in the_loads:
-        cells = []
-        for s in servers:
-            rs = by.get((load, s))
-            cells.append(f"{median([r.accepted_s * load.sessions / load.messages for r in rs]) * 1000:.2f} ms"
-                         if rs else "–")
-        w(f"| {load.name} | " + " | ".join(cells) + " |")
-    w("")
+    def table(title, cell):
+        """One row per load, one column per server; `cell` formats a
+        server's results on a load."""
+        w(f"## {title}\n")
+        w("| load | " + " | ".join(servers) + " |")
+        w("|---|" + "---|" * len(servers))
+        for load in the_loads:
+            cells = [cell(load, by[(load, s)]) if (load, s) in by else "–" for s in servers]
+            w(f"| {load.name} | " + " | ".join(cells) + " |")
+        w("")
+
+    table("Latency (mean time per message within one session, connect to 250)",
+          lambda l, rs: f"{median([r.accepted_s * l.sessions / l.messages for r in rs]) * 1000:.2f} ms")
     w("Postfix answers 250 when its queue file is safe and delivers later; its time to new/ "
       "is in the throughput table.\n")
-    w("## CPU (ms of busy CPU per message, whole machine, smtp-source included)\n")
-    w("| load | " + " | ".join(servers) + " |")
-    w("|---|" + "---|" * len(servers))
-    for load in the_loads:
-        cells = []
-        for s in servers:
-            rs = by.get((load, s))
-            cells.append(f"{median([r.cpu_s / load.messages for r in rs]) * 1000:.3f}" if rs else "–")
-        w(f"| {load.name} | " + " | ".join(cells) + " |")
-    w("")
-    w("## Memory\n")
-    w("| load | " + " | ".join(servers) + " |")
-    w("|---|" + "---|" * len(servers))
-    for load in the_loads:
-        cells = []
-        for s in servers:
-            rs = by.get((load, s))
-            cells.append(f"{mib(max((r.rss_peak or 0) for r in rs))} MiB" if rs else "–")
-        w(f"| {load.name} | " + " | ".join(cells) + " |")
-    w("")
+    table("CPU (ms of busy CPU per message, whole machine, smtp-source included)",
+          lambda l, rs: f"{median([r.cpu_s / l.messages for r in rs]) * 1000:.3f}")
+    table("Memory", lambda l, rs: f"{mib(max((r.rss_peak or 0) for r in rs))} MiB")
     w("Peak RSS (VmHWM) of the letterbox and smtp-sink processes over the run; for Postfix the "
       "sum of its processes' RSS right after the last 250.\n")
     if idle:
