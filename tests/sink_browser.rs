@@ -297,15 +297,7 @@ async fn send(s: &TestServer, body: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_mail_live_and_keeps_hostile_html_inert() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
-    })
-    .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
+    let s = TestServer::start_with_sink(3600, |_| {}).await;
     let http = s.running.as_ref().unwrap().http_addr.unwrap();
     let watcher = Watcher::start().await;
 

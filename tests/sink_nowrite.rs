@@ -185,18 +185,12 @@ fn content(n: usize, to: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_mail_over_smtp_never_touches_the_disk() {
     let _alone = ALONE.lock().await;
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+    let s = TestServer::start_with_sink(3600, |c| {
         // Every recipient is looked up once, during the warm-up below.
         c.database.cache_ttl = letterbox::units::Duration::from_secs(3600);
         c.maildir.spool_memory_limit = letterbox::units::ByteSize(SPOOL_LIMIT);
     })
     .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
     let sink = s.running.as_ref().unwrap().context.sink.clone();
     let api = format!(
         "http://{}/api/v1/mailbox",

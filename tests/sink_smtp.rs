@@ -6,15 +6,7 @@ use common::server::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_maildir_and_sink_transaction() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
-    })
-    .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
+    let s = TestServer::start_with_sink(3600, |_| {}).await;
     let http = s.running.as_ref().unwrap().http_addr.unwrap();
 
     let mut c = s.connect().await;
@@ -66,17 +58,11 @@ async fn mixed_maildir_and_sink_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_refuses_when_full_in_refuse_mode() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+    let s = TestServer::start_with_sink(3600, |c| {
         c.sink.when_full = letterbox::config::WhenFull::Refuse;
         c.sink.max_messages_per_mailbox = 1;
     })
     .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
     let mut c = s.connect().await;
     c.greeting().await;
     let reply = c
@@ -107,15 +93,7 @@ const TTL: i64 = 3600;
 /// A server with the sink's HTTP API on 127.0.0.1:0 and `*.tmp.example.org`
 /// routed to the sink; returns it and the API's base URL.
 async fn sink_server() -> (TestServer, String) {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
-    })
-    .await;
-    s.directory
-        .sink_add("*.tmp.example.org", TTL as u64)
-        .await
-        .unwrap();
+    let s = TestServer::start_with_sink(TTL as u64, |_| {}).await;
     let http = s.running.as_ref().unwrap().http_addr.unwrap();
     (s, format!("http://{http}/api/v1/mailbox"))
 }
@@ -409,16 +387,10 @@ fn sized(len: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_at_the_size_limit_fits_the_sink_and_one_byte_more_does_not() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+    let s = TestServer::start_with_sink(3600, |c| {
         c.smtp.max_message_size = letterbox::units::ByteSize(10_000);
     })
     .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
     let http = s.running.as_ref().unwrap().http_addr.unwrap();
     let mut c = s.connect().await;
     c.greeting().await;
@@ -450,17 +422,11 @@ async fn a_message_at_the_size_limit_fits_the_sink_and_one_byte_more_does_not() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuse_mode_answers_452_at_the_end_of_data_when_the_bytes_bound_is_reached() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+    let s = TestServer::start_with_sink(3600, |c| {
         c.sink.when_full = letterbox::config::WhenFull::Refuse;
         c.sink.max_bytes = letterbox::units::ByteSize(3000);
     })
     .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
     let base = format!(
         "http://{}/api/v1/mailbox",
         s.running.as_ref().unwrap().http_addr.unwrap()
@@ -487,17 +453,11 @@ async fn refuse_mode_answers_452_at_the_end_of_data_when_the_bytes_bound_is_reac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evict_mode_makes_room_by_forgetting_the_oldest() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+    let s = TestServer::start_with_sink(3600, |c| {
         c.sink.max_messages_per_mailbox = 2;
         c.sink.max_bytes = letterbox::units::ByteSize(6000);
     })
     .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
     let base = format!(
         "http://{}/api/v1/mailbox",
         s.running.as_ref().unwrap().http_addr.unwrap()
@@ -541,12 +501,7 @@ async fn evict_mode_makes_room_by_forgetting_the_oldest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_expires_on_time_with_no_traffic() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
-    })
-    .await;
-    s.directory.sink_add("*.tmp.example.org", 1).await.unwrap();
+    let s = TestServer::start_with_sink(1, |_| {}).await;
     let sink = s.running.as_ref().unwrap().context.sink.clone();
     let mut c = s.connect().await;
     c.greeting().await;
@@ -574,16 +529,10 @@ async fn mail_expires_on_time_with_no_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_larger_than_the_whole_sink_is_refused_for_good_while_it_streams() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+    let s = TestServer::start_with_sink(3600, |c| {
         c.sink.max_bytes = letterbox::units::ByteSize(5000);
     })
     .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
     let base = format!(
         "http://{}/api/v1/mailbox",
         s.running.as_ref().unwrap().http_addr.unwrap()
@@ -685,17 +634,11 @@ async fn mail_still_arriving_counts_toward_the_sinks_byte_bound() {
         letterbox::config::WhenFull::Evict,
         letterbox::config::WhenFull::Refuse,
     ] {
-        let s = TestServer::start(|c| {
-            c.sink.enabled = true;
-            c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+        let s = TestServer::start_with_sink(3600, |c| {
             c.sink.when_full = mode;
             c.sink.max_bytes = letterbox::units::ByteSize(10_000);
         })
         .await;
-        s.directory
-            .sink_add("*.tmp.example.org", 3600)
-            .await
-            .unwrap();
         let running = s.running.as_ref().unwrap();
         let sink = running.context.sink.clone();
         let base = format!("http://{}/api/v1/mailbox", running.http_addr.unwrap());
@@ -783,16 +726,10 @@ async fn mail_still_arriving_counts_toward_the_sinks_byte_bound() {
 /// for the recipients it had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_recipient_joins_a_transaction_once_bdat_content_has_begun() {
-    let s = TestServer::start(|c| {
-        c.sink.enabled = true;
-        c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+    let s = TestServer::start_with_sink(3600, |c| {
         c.maildir.spool_memory_limit = letterbox::units::ByteSize(100);
     })
     .await;
-    s.directory
-        .sink_add("*.tmp.example.org", 3600)
-        .await
-        .unwrap();
     let sink = s.running.as_ref().unwrap().context.sink.clone();
     let mut c = s.connect().await;
     c.greeting().await;

@@ -66,6 +66,22 @@ impl TestServer {
         }
     }
 
+    /// A server with the sink on (its web page on 127.0.0.1:0) and the rule
+    /// `*.tmp.example.org` kept `ttl_secs`, after `tweak` adjusts the config.
+    pub async fn start_with_sink(ttl_secs: u64, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let s = TestServer::start(|c| {
+            c.sink.enabled = true;
+            c.sink.http_listen = "127.0.0.1:0".parse().unwrap();
+            tweak(c);
+        })
+        .await;
+        s.directory
+            .sink_add("*.tmp.example.org", ttl_secs)
+            .await
+            .unwrap();
+        s
+    }
+
     pub async fn connect(&self) -> Client<TcpStream> {
         let stream = TcpStream::connect(self.addr).await.unwrap();
         Client::new(stream)
