@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::process::{Process, admin};
+use common::process::{Process, Sections, admin, write_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -282,23 +282,16 @@ fn sigkill_mid_stream_keeps_every_acknowledged_message_whole() {
 
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("mail");
-    let config = tmp.path().join("letterbox.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "hostname = \"mx.example.org\"\n\
-             [database]\nurl = \"sqlite://{}\"\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nreverse_dns = false\n\
-             max_connections_per_ip = {}\n\
-             [maildir]\nroot = \"{}\"\nspool_memory_limit = \"{SPOOL_LIMIT}\"\n\
-             [sink]\nenabled = false\n\
-             [log]\nlevel = \"warn\"\n",
-            tmp.path().join("letterbox.db").display(),
-            SESSIONS * 4,
-            root.display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        tmp.path(),
+        &format!("sqlite://{}", tmp.path().join("letterbox.db").display()),
+        &Sections {
+            smtp: &format!("max_connections_per_ip = {}", SESSIONS * 4),
+            maildir: &format!("spool_memory_limit = \"{SPOOL_LIMIT}\""),
+            log: "level = \"warn\"",
+            ..Sections::default()
+        },
+    );
     admin(&config, &["domain", "add", "example.org"]);
     for i in 0..USERS {
         admin(&config, &["user", "add", &user(i)]);

@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::db::{Backend, TestDb};
-use common::process::{Process, letterbox};
+use common::process::{Process, Sections, letterbox, write_config};
 use common::server::Client;
 use serde_json::Value;
 
@@ -489,20 +489,14 @@ async fn run_on(backend: Backend) {
         return;
     };
     let root = dir.join("mail");
-    let config = dir.join("letterbox.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "hostname = \"mx.example.org\"\n\
-             [database]\nurl = \"{}\"\ncache_ttl = \"0s\"\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nreverse_dns = false\n\
-             [maildir]\nroot = \"{}\"\n\
-             [sink]\nenabled = false\n",
-            db.url,
-            root.display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        dir,
+        &db.url,
+        &Sections {
+            database: "cache_ttl = \"0s\"",
+            ..Sections::default()
+        },
+    );
 
     // The directory, through the admin CLI.
     let admin = |args: &[&str], stdin: &str| admin_as(&config, who, args, stdin);

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{Process, admin};
+use common::process::{Process, Sections, admin, write_config};
 use common::server::Client;
 
 /// One system call in the trace.
@@ -170,20 +170,11 @@ fn strace(pid: i32, out: &Path) -> Child {
 async fn fsyncs_happen_before_the_250() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("mail");
-    let config = tmp.path().join("letterbox.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "hostname = \"mx.example.org\"\n\
-             [database]\nurl = \"sqlite://{}\"\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nreverse_dns = false\n\
-             [maildir]\nroot = \"{}\"\n\
-             [sink]\nenabled = false\n",
-            tmp.path().join("letterbox.db").display(),
-            root.display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        tmp.path(),
+        &format!("sqlite://{}", tmp.path().join("letterbox.db").display()),
+        &Sections::default(),
+    );
     admin(&config, &["domain", "add", "example.org"]);
     admin(&config, &["user", "add", "alice@example.org"]);
     admin(&config, &["user", "add", "bob@example.org"]);

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::process::{Process, admin, letterbox};
+use common::process::{Process, Sections, admin, letterbox, write_config};
 use serde_json::{Value, json};
 
 const EHLO_PLAIN: &str = "250-mx.example.org greets client.example\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 CHUNKING";
@@ -35,19 +35,17 @@ impl Setup {
     /// Alice gets `password`, set with `user add --password-stdin`.
     fn with_password(smtp: &str, tls: &str, password: Option<&str>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("letterbox.toml");
-        let text = format!(
-            "hostname = \"mx.example.org\"\n\
-             [database]\nurl = \"sqlite://{db}\"\ncache_ttl = \"0s\"\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nreverse_dns = false\n{smtp}\n\
-             [tls]\n{tls}\n\
-             [maildir]\nroot = \"{root}\"\n\
-             [sink]\nenabled = false\n\
-             [log]\nformat = \"json\"\nlevel = \"info\"\n",
-            db = dir.path().join("letterbox.db").display(),
-            root = dir.path().join("mail").display(),
+        let config = write_config(
+            dir.path(),
+            &format!("sqlite://{}", dir.path().join("letterbox.db").display()),
+            &Sections {
+                database: "cache_ttl = \"0s\"",
+                smtp,
+                tls,
+                log: "format = \"json\"\nlevel = \"info\"",
+                ..Sections::default()
+            },
         );
-        std::fs::write(&config, text).unwrap();
         admin(&config, &["domain", "add", "example.org"]);
         match password {
             None => {

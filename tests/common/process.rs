@@ -26,6 +26,41 @@ pub struct Process {
     stderr: Arc<Mutex<Vec<u8>>>,
 }
 
+/// Lines a test adds to the sections of its config file.
+#[derive(Default)]
+pub struct Sections<'a> {
+    pub database: &'a str,
+    pub smtp: &'a str,
+    pub tls: &'a str,
+    pub maildir: &'a str,
+    pub log: &'a str,
+}
+
+/// Writes `<dir>/letterbox.toml` for a test server: mx.example.org, the
+/// directory at `db_url`, SMTP on 127.0.0.1:0 without reverse DNS, maildirs
+/// in `<dir>/mail`, no sink page, plus `extra` in each section. Returns
+/// its path.
+pub fn write_config(dir: &Path, db_url: &str, extra: &Sections) -> PathBuf {
+    let config = dir.join("letterbox.toml");
+    let text = format!(
+        "hostname = \"mx.example.org\"\n\
+         [database]\nurl = \"{db_url}\"\n{database}\n\
+         [smtp]\nlisten = [\"127.0.0.1:0\"]\nreverse_dns = false\n{smtp}\n\
+         [tls]\n{tls}\n\
+         [maildir]\nroot = \"{root}\"\n{maildir}\n\
+         [sink]\nenabled = false\n\
+         [log]\n{log}\n",
+        root = dir.join("mail").display(),
+        database = extra.database,
+        smtp = extra.smtp,
+        tls = extra.tls,
+        maildir = extra.maildir,
+        log = extra.log,
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 /// The binary under test, with no `LETTERBOX_…` variable from outside (the
 /// suites' `LETTERBOX_TEST_…` included), so only the config file counts.
 pub fn letterbox(config: &Path) -> Command {
