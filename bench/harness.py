@@ -10,10 +10,11 @@ the last copy is in a new/ directory (maildir servers) or the last session
 has its 250 (sinks). After the clock, every copy is checked: the right
 number in each mailbox, each one's body identical to what was sent.
 
-bench/run.sh sets the machine up and calls this; see bench/README.md.
+bench/run.sh sets the machine up and calls this; see README.md, Benchmarks.
 """
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -83,6 +84,60 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
+# ---------------------------------------------------------------- graveyard
+
+
+class Graveyard:
+    """Where the copies of finished runs go: renamed, not deleted, until the
+    whole benchmark is over.
+
+    ext4 without a journal (this machine's root filesystem) will not reuse
+    an inode freed in the last five minutes: each new inode is found by
+    walking past every such inode of its block group (`recently_deleted()`
+    in fs/ext4/ialloc.c). Deleting one run's 6,000 copies made every create
+    of the next runs pay for that walk: the disk ceiling at 20 writers fell
+    from about 8,800 to 2,500 copies/s, all of it kernel CPU. A server that
+    frees inodes as it works (Postfix deletes each queue file) still pays
+    for its own; what the harness frees must not be charged to anyone."""
+
+    QUIET = 305  # the kernel's 300 s, plus its 5 s for a dirty inode block
+
+    def __init__(self, path):
+        self.path = path
+        self.stamp = path.with_name(path.name + ".freed")
+        self.n = 0
+
+    def wait_for_last(self):
+        """A run right after another would walk that one's freed inodes."""
+        try:
+            age = time.time() - self.stamp.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age < self.QUIET:
+            print(f"waiting {self.QUIET - age:.0f} s for the inodes the last benchmark freed "
+                  "to age (see Graveyard)", flush=True)
+            time.sleep(self.QUIET - age)
+
+    def bury(self, path):
+        """Moves a file or a whole tree out of the way, on the same filesystem."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.n += 1
+        try:
+            os.rename(path, self.path / str(self.n))
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+    def empty(self):
+        """Frees everything, once no run is left to measure."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.stamp.touch()
+
+
+GRAVEYARD = None  # set by main()
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -106,7 +161,7 @@ class Server:
         raise NotImplementedError
 
     def clear(self):
-        """Empty every mailbox, outside the clock."""
+        """Empty every mailbox, outside the clock, keeping the maildirs."""
         if not self.maildir:
             return
         d = self.root() / DOMAIN
@@ -116,7 +171,7 @@ class Server:
                     p = mbox / sub
                     if p.exists():
                         for f in os.scandir(p):
-                            os.unlink(f.path)
+                            GRAVEYARD.bury(f.path)
 
     def rss_peak(self):
         return None
@@ -266,6 +321,38 @@ class SmtpSink(Server):
         return vm(self.proc.pid, "VmHWM")
 
 
+class Disk(Server):
+    """No server: bench/fsync_ceiling.rs doing the filesystem work of each
+    copy from one thread per session. Its rate is what the disk allowed
+    durable delivery at that moment, the ceiling for the maildir servers.
+    Run on 1-recipient loads only: letterbox syncs the copies of a
+    transaction side by side, which this does not model."""
+    name = "disk"
+
+    def __init__(self, binary, work):
+        self.binary, self.work = binary, work
+
+    def root(self):
+        return self.work
+
+    def run(self, load):
+        self.clear()
+        os.sync()
+        cpu0 = cpu_busy()
+        out = subprocess.run(
+            [self.binary, "--root", self.work, "--writers", str(load.sessions),
+             "--copies", str(load.messages), "--size", str(load.size)],
+            check=True, capture_output=True, text=True).stdout
+        cpu = cpu_busy() - cpu0
+        secs = float(out)
+        mailboxes = {str(s): load.messages // load.sessions for s in range(load.sessions)}
+        for m, want in mailboxes.items():
+            sizes = [f.stat().st_size for f in os.scandir(self.work / DOMAIN / m / "new")]
+            if sizes != [load.size] * want:
+                raise SystemExit(f"disk {load.name}: mailbox {m} holds {len(sizes)} copies, not {want}")
+        return Result(self.name, load, secs, secs, cpu_s=cpu)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -336,6 +423,8 @@ def count_new(root, mailboxes):
 
 
 def one_run(server, load, payload_digest):
+    if isinstance(server, Disk):
+        return server.run(load)
     server.clear()
     # Start from a clean disk: no run pays for the writeback of the one
     # before it (this filesystem's fsync cost swings with dirty data).
@@ -480,7 +569,7 @@ def report(results, args, idle, versions, out_dir):
     by = {}
     for r in results:
         by.setdefault((r.load, r.server), []).append(r)
-    servers = [s for s in ("letterbox", "letterbox-pg", "postfix", "letterbox-sink", "smtp-sink")
+    servers = [s for s in ("letterbox", "letterbox-pg", "postfix", "disk", "letterbox-sink", "smtp-sink")
                if any(k[1] == s for k in by)]
     the_loads = sorted({k[0] for k in by}, key=lambda l: (l.size, l.rcpts, l.sessions))
 
@@ -505,19 +594,24 @@ def report(results, args, idle, versions, out_dir):
       "(config in `bench/run.sh`'s work dir; SQLite or PostgreSQL directory, cache_ttl 5s)")
     w("- postfix: `bench/postfix-peer.sh 1000` (virtual(8) into maildirs, SQLite maps)")
     w("- smtp-sink: `smtp-sink -u nobody 127.0.0.1:PORT 1024`")
+    w("- disk: `fsync_ceiling --root WORK/disk --writers SESSIONS --copies MESSAGES --size SIZE`")
     w("")
     w("## Throughput (messages/s, until the last copy is in new/)\n")
-    w("| load | " + " | ".join(servers) + " | letterbox ÷ postfix | letterbox-pg ÷ letterbox | sink ÷ smtp-sink |")
-    w("|---|" + "---|" * (len(servers) + 3))
+    w("| load | " + " | ".join(servers)
+      + " | letterbox ÷ postfix | letterbox ÷ disk | letterbox-pg ÷ letterbox | sink ÷ smtp-sink |")
+    w("|---|" + "---|" * (len(servers) + 4))
     for load in the_loads:
         row = [f"{rate(load, s):.0f}" if rate(load, s) else "–" for s in servers]
-        lb, pf = rate(load, "letterbox"), rate(load, "postfix")
+        lb, pf, dk = rate(load, "letterbox"), rate(load, "postfix"), rate(load, "disk")
         pg, sk, ss = rate(load, "letterbox-pg"), rate(load, "letterbox-sink"), rate(load, "smtp-sink")
         ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "–"
         w(f"| {load.name} ({load.messages} msgs) | " + " | ".join(row)
-          + f" | {ratio(lb, pf)} | {ratio(pg, lb)} | {ratio(sk, ss)} |")
+          + f" | {ratio(lb, pf)} | {ratio(lb, dk)} | {ratio(pg, lb)} | {ratio(sk, ss)} |")
     w("")
-    w("Load names: sessions-size-recipients. Each message to R recipients is R copies on disk.\n")
+    w("Load names: sessions-size-recipients. Each message to R recipients is R copies on disk. "
+      "`disk` is no server: bench/fsync_ceiling.rs doing each copy's filesystem work (create in "
+      "tmp/, write, fdatasync, link into new/, unlink, fsync new/) from one thread per session, "
+      "the ceiling the disk set for durable delivery in that run (1-recipient loads only).\n")
     def table(title, cell):
         """One row per load, one column per server; `cell` formats a
         server's results on a load."""
@@ -561,11 +655,12 @@ def chart(by, servers, out_dir):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, size in zip(axes, (4096, 256 * 1024)):
-        for s in ("letterbox", "letterbox-pg", "postfix", "smtp-sink", "letterbox-sink"):
+        for s in ("letterbox", "letterbox-pg", "postfix", "smtp-sink", "letterbox-sink", "disk"):
             pts = sorted((l.sessions, median([r.msgs_per_s for r in rs]))
                          for (l, srv), rs in by.items() if srv == s and l.size == size and l.rcpts == 1)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s,
+                        linestyle="--" if s == "disk" else "-")
         ax.set_xscale("log")
         ax.set_xticks([1, 20, 100], ["1", "20", "100"])
         ax.set_xlabel("parallel sessions")
@@ -586,6 +681,7 @@ def main():
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--postfix-base", type=Path, default=Path("/var/mail/postfix-peer"))
+    ap.add_argument("--ceiling", type=Path, help="the fsync_ceiling binary; disk runs when set")
     ap.add_argument("--postgres", help="admin URL; letterbox-pg runs when set")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--idle", type=int, default=10000)
@@ -598,12 +694,18 @@ def main():
     if args.report_only:
         return report_only(args.out)
 
-    shutil.rmtree(args.work, ignore_errors=True)
+    global GRAVEYARD
+    GRAVEYARD = Graveyard(args.work.with_name(args.work.name + "-graveyard"))
+    GRAVEYARD.wait_for_last()
+    if args.work.exists():
+        GRAVEYARD.bury(args.work)
     args.work.mkdir(parents=True)
     digests = reference_payloads(args.binary, args.work)
 
     servers = [Letterbox(args.binary, args.work / "sqlite",
                          f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox")]
+    if args.ceiling:
+        servers.append(Disk(args.ceiling, args.work / "disk"))
     if args.postgres:
         servers.append(Letterbox(args.binary, args.work / "pg", pg_database(args.postgres),
                                  "letterbox-pg"))
@@ -630,6 +732,8 @@ def main():
             # Alternate the order too, so no server always runs on a warm cache.
             order = servers if rep % 2 == 0 else list(reversed(servers))
             for server in order:
+                if isinstance(server, Disk) and load.rcpts != 1:
+                    continue
                 server.start()
                 try:
                     r = one_run(server, load, digests)
@@ -656,6 +760,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(raw, indent=1) + "\n")
     report(results, args, idle, raw["versions"], args.out)
+    GRAVEYARD.empty()
 
 
 def report_only(out):

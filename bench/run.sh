@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The benchmark, in one command: letterbox against Postfix and smtp-sink on
-# the same machine, same loads, one interleaved run. Writes bench/RESULTS.md
-# and bench/throughput.png and prints the table.
+# The benchmark, in one command: letterbox against Postfix, smtp-sink and the
+# disk's own ceiling (bench/fsync_ceiling.rs) on the same machine, same
+# loads, one interleaved run. Writes bench/RESULTS.md and
+# bench/throughput.png and prints the table.
 #
 #   bench/run.sh            the full matrix, 2 repetitions (about 15 minutes)
 #   bench/run.sh --quick    a quarter of the messages, for a first look
@@ -28,8 +29,9 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-cargo build --release --quiet
+cargo build --release --quiet --bin letterbox --example fsync_ceiling
 binary=${CARGO_TARGET_DIR:-$PWD/target}/release/letterbox
+ceiling=${CARGO_TARGET_DIR:-$PWD/target}/release/examples/fsync_ceiling
 
 # 10,000 idle connections need as many descriptors in the server and here.
 ulimit -n "$(ulimit -Hn)"
@@ -44,4 +46,4 @@ if [[ -z $pg ]] && pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
 fi
 
 /usr/bin/python3 bench/harness.py --binary "$binary" --work /var/tmp/letterbox-bench \
-    --out bench ${pg:+--postgres "$pg"} "$@"
+    --ceiling "$ceiling" --out bench ${pg:+--postgres "$pg"} "$@"
