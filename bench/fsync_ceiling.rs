@@ -31,7 +31,11 @@ fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        let number = || value.parse::<usize>().map_err(|e| format!("{flag} {value}: {e}"));
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|e| format!("{flag} {value}: {e}"))
+        };
         match flag.as_str() {
             "--root" => root = Some(PathBuf::from(&value)),
             "--writers" => writers = Some(number()?),
@@ -46,7 +50,7 @@ fn parse() -> Result<Args, String> {
         copies: copies.ok_or("--copies is required")?,
         size: size.ok_or("--size is required")?,
     };
-    if args.writers == 0 || args.copies % args.writers != 0 {
+    if args.writers == 0 || !args.copies.is_multiple_of(args.writers) {
         return Err("--copies must be a multiple of a non-zero --writers".into());
     }
     Ok(args)
@@ -55,7 +59,11 @@ fn parse() -> Result<Args, String> {
 /// One copy, in the order letterbox's delivery makes it durable.
 fn deliver(mailbox: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
     let tmp = mailbox.join("tmp").join(name);
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     file.write_all(data)?;
     file.sync_data()?;
     let new = mailbox.join("new");

@@ -92,15 +92,16 @@ class Graveyard:
     whole benchmark is over.
 
     ext4 without a journal (this machine's root filesystem) will not reuse
-    an inode freed in the last five minutes: each new inode is found by
-    walking past every such inode of its block group (`recently_deleted()`
-    in fs/ext4/ialloc.c). Deleting one run's 6,000 copies made every create
+    an inode freed in the last minute, or the last six while its inode
+    table block is dirty (as it stays while new inodes go into the same
+    block group): each new inode is found by walking past every such inode
+    of its group (`recently_deleted()` in fs/ext4/ialloc.c). Deleting one run's 6,000 copies made every create
     of the next runs pay for that walk: the disk ceiling at 20 writers fell
     from about 8,800 to 2,500 copies/s, all of it kernel CPU. A server that
     frees inodes as it works (Postfix deletes each queue file) still pays
     for its own; what the harness frees must not be charged to anyone."""
 
-    QUIET = 305  # the kernel's 300 s, plus its 5 s for a dirty inode block
+    QUIET = 365  # the kernel's RECENTCY_MIN + RECENTCY_DIRTY (60 + 300 s), and a margin
 
     def __init__(self, path):
         self.path = path
@@ -562,7 +563,7 @@ def median(xs):
 
 
 def mib(b):
-    return f"{b / 1048576:.1f}" if b else "–"
+    return f"{b / 1048576:.1f} MiB" if b else "–"
 
 
 def report(results, args, idle, versions, out_dir):
@@ -629,13 +630,13 @@ def report(results, args, idle, versions, out_dir):
       "is in the throughput table.\n")
     table("CPU (ms of busy CPU per message, whole machine, smtp-source included)",
           lambda l, rs: f"{median([r.cpu_s / l.messages for r in rs]) * 1000:.3f}")
-    table("Memory", lambda l, rs: f"{mib(max((r.rss_peak or 0) for r in rs))} MiB")
+    table("Memory", lambda l, rs: mib(max((r.rss_peak or 0) for r in rs)))
     w("Peak RSS (VmHWM) of the letterbox and smtp-sink processes over the run; for Postfix the "
       "sum of its processes' RSS right after the last 250.\n")
     if idle:
         base, held = idle
         w(f"Idle connections: letterbox with {args.idle} sessions open past the greeting: "
-          f"{mib(held)} MiB RSS ({mib(base)} MiB before they connected).\n")
+          f"{mib(held)} RSS ({mib(base)} before they connected).\n")
     notes = Path(__file__).with_name("analysis.md")
     if notes.exists():
         w(notes.read_text())
