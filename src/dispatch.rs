@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::delivery::DeliveryError;
 use crate::directory::{Mailbox, Route};
 use crate::envelope::Envelope;
@@ -47,11 +49,15 @@ pub async fn deliver(
         let content = spool
             .as_memory()
             .expect("sink transactions are spooled in memory");
+        // One buffer for every sink copy; each adds only its trace header.
+        // Copied, not moved: the spool grew by doubling, and the sink's
+        // bound counts bytes held, not capacity.
+        let content = Bytes::copy_from_slice(content);
         for (rcpt, ttl) in &sinks {
             let header = envelope.received_header(rcpt);
             if ctx
                 .sink
-                .insert_received(rcpt, *ttl, &header, content, reserved.as_mut())
+                .insert_received(rcpt, *ttl, &header, &content, reserved.as_mut())
                 .is_err()
             {
                 return Reply::sink_full();

@@ -276,7 +276,7 @@ async fn source(
             HeaderValue::from_static(DOWNLOAD_CSP),
         ),
     ];
-    Ok((headers, m.raw.clone()).into_response())
+    Ok((headers, m.raw()).into_response())
 }
 
 async fn html(

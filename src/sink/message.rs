@@ -102,7 +102,7 @@ fn summary_of(stored: &Message, parsed: Option<&mail_parser::Message<'_>>) -> Su
             .unwrap_or_default(),
         subject: parsed.and_then(|m| m.subject()).map(str::to_string),
         date: parsed.and_then(|m| m.date()).map(|d| d.to_rfc3339()),
-        size: stored.raw.len(),
+        size: stored.size(),
         received_at: rfc3339(stored.received_at),
         expires_at: rfc3339(stored.expires_at),
     }
@@ -125,19 +125,21 @@ fn unfold(raw: &[u8]) -> String {
 impl Message {
     /// The listing line.
     pub fn summary(&self) -> Summary {
-        summary_of(self, parse(&self.raw).as_ref())
+        let raw = self.raw();
+        summary_of(self, parse(&raw).as_ref())
     }
 
     /// Everything shown when the message is opened. `images` keeps remote
     /// images in the sanitized HTML.
     pub fn detail(&self, images: bool) -> Detail {
-        let parsed = parse(&self.raw);
+        let whole = self.raw();
+        let parsed = parse(&whole);
         let summary = summary_of(self, parsed.as_ref());
         let Some(m) = parsed else {
             return Detail {
                 summary,
                 headers: Vec::new(),
-                text: Some(String::from_utf8_lossy(&self.raw).into_owned()),
+                text: Some(String::from_utf8_lossy(&whole).into_owned()),
                 html: None,
                 attachments: Vec::new(),
             };
@@ -181,14 +183,16 @@ impl Message {
 
     /// The sanitized HTML body alone; None when there is none.
     pub fn html(&self, images: bool) -> Option<String> {
-        let m = parse(&self.raw)?;
+        let raw = self.raw();
+        let m = parse(&raw)?;
         let part = m.html_part(0).filter(|p| p.is_text_html())?;
         Some(sanitize::clean(part.text_contents()?, images))
     }
 
     /// Attachment number `index` (as listed in [`Detail::attachments`]).
     pub fn attachment(&self, index: usize) -> Option<AttachmentBody> {
-        let m = parse(&self.raw)?;
+        let raw = self.raw();
+        let m = parse(&raw)?;
         let part = m.attachments().nth(index)?;
         Some(AttachmentBody {
             filename: part.attachment_name().map(str::to_string),
@@ -228,7 +232,7 @@ mod tests {
         .unwrap();
         let stored = sink.list("a@x.tmp.example.org").remove(0);
         // Stored exactly as handed over.
-        assert_eq!(stored.raw, raw);
+        assert_eq!(stored.raw(), raw);
 
         let s = stored.summary();
         assert_eq!(s.id, stored.id);

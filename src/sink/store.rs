@@ -35,8 +35,13 @@ pub struct Message {
     pub(crate) seq: u64,
     /// URL-safe, unguessable-ish: 16 hex characters from the thread RNG.
     pub id: String,
-    /// The whole message exactly as handed over (CRLF line endings).
-    pub raw: Bytes,
+    /// Our trace header, this copy's own; empty for a message inserted
+    /// whole. With `content`, the message exactly as handed over.
+    trace: Bytes,
+    /// What the client sent (CRLF line endings), one buffer shared by the
+    /// copies of a transaction: a message for five sink mailboxes holds its
+    /// content once, and storing a copy touches no new memory.
+    content: Bytes,
     /// Wall-clock arrival, shown to people as RFC 3339.
     pub received_at: DateTime<Utc>,
     /// Wall-clock end of life, shown to people as RFC 3339.
@@ -44,6 +49,26 @@ pub struct Message {
     /// Monotonic end of life; what the purge task actually goes by (tokio's
     /// clock, so tests can pause time).
     pub(crate) deadline: Instant,
+}
+
+impl Message {
+    /// The whole message in bytes, trace header included.
+    pub fn size(&self) -> usize {
+        self.trace.len() + self.content.len()
+    }
+
+    /// The whole message exactly as handed over, trace header first. Joined
+    /// on each call for a copy with a trace header: people read a message
+    /// far less often than mail arrives.
+    pub fn raw(&self) -> Bytes {
+        if self.trace.is_empty() {
+            return self.content.clone();
+        }
+        let mut raw = BytesMut::with_capacity(self.size());
+        raw.put_slice(&self.trace);
+        raw.put_slice(&self.content);
+        raw.freeze()
+    }
 }
 
 /// A new message for `mailbox`; broadcast to SSE and wait listeners. It
@@ -101,7 +126,7 @@ struct State {
     order: BTreeMap<u64, Arc<str>>,
     /// (deadline, seq) for every message: what the purge task walks.
     expirations: BTreeSet<(Instant, u64)>,
-    /// Sum of `raw.len()` over every message held.
+    /// Sum of [`Message::size`] over every message held.
     bytes: u64,
     /// Bytes of sink content still streaming in over SMTP, held by live
     /// [`Reservation`]s; `bytes + in_flight <= max_bytes` at all times.
@@ -224,11 +249,14 @@ impl Sink {
         if raw.len() as u64 > self.shared.limits.max_message_size {
             return Err(SinkFull);
         }
-        self.store(mailbox, ttl, raw, None)
+        self.store(mailbox, ttl, Bytes::new(), raw, None)
     }
 
     /// Stores one copy of a message received over SMTP: our `trace` header,
-    /// then the `content` the client sent. The size limit (SIZE, RFC 1870)
+    /// then the `content` the client sent, shared with the transaction's
+    /// other copies (each copy still counts in full against the store's
+    /// bound, so the bound overstates, never understates, the memory held).
+    /// The size limit (SIZE, RFC 1870)
     /// is the client's and counts the content alone, so a message at the
     /// limit still fits with the trace header on top; the store's own byte
     /// bound counts the whole copy.
@@ -243,16 +271,14 @@ impl Sink {
         mailbox: &str,
         ttl: Duration,
         trace: &str,
-        content: &[u8],
+        content: &Bytes,
         reserved: Option<&mut Reservation>,
     ) -> Result<(), SinkFull> {
         if content.len() as u64 > self.shared.limits.max_message_size {
             return Err(SinkFull);
         }
-        let mut raw = BytesMut::with_capacity(trace.len() + content.len());
-        raw.put_slice(trace.as_bytes());
-        raw.put_slice(content);
-        self.store(mailbox, ttl, raw.freeze(), reserved)
+        let trace = Bytes::copy_from_slice(trace.as_bytes());
+        self.store(mailbox, ttl, trace, content.clone(), reserved)
     }
 
     /// An empty reservation, for content about to arrive over SMTP: see
@@ -269,11 +295,12 @@ impl Sink {
         &self,
         mailbox: &str,
         ttl: Duration,
-        raw: Bytes,
+        trace: Bytes,
+        content: Bytes,
         reserved: Option<&mut Reservation>,
     ) -> Result<(), SinkFull> {
         let limits = self.shared.limits;
-        let size = raw.len() as u64;
+        let size = (trace.len() + content.len()) as u64;
         if size > limits.max_bytes || limits.max_per_mailbox == 0 {
             return Err(SinkFull);
         }
@@ -355,7 +382,8 @@ impl Sink {
             let message = Arc::new(Message {
                 seq,
                 id: id.clone(),
-                raw,
+                trace,
+                content,
                 received_at,
                 expires_at,
                 deadline,
@@ -546,7 +574,7 @@ impl State {
             queue.shrink_to_fit();
         }
         self.expirations.remove(&(message.deadline, seq));
-        self.bytes -= message.raw.len() as u64;
+        self.bytes -= message.size() as u64;
         Some(message)
     }
 
@@ -615,7 +643,7 @@ mod tests {
         sink.list(mailbox)
             .iter()
             .map(|m| {
-                String::from_utf8_lossy(&m.raw[9..])
+                String::from_utf8_lossy(&m.raw()[9..])
                     .split('\r')
                     .next()
                     .unwrap()
@@ -684,6 +712,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn copies_of_one_transaction_share_its_content() {
+        let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 1000);
+        let content = msg(1, 300);
+        for (mailbox, trace) in [
+            ("a@x.tmp.example.org", "Received: a\r\n"),
+            ("b@x.tmp.example.org", "Received: b\r\n"),
+        ] {
+            sink.insert_received(mailbox, HOUR, trace, &content, None)
+                .unwrap();
+        }
+        let a = sink.list("a@x.tmp.example.org").remove(0);
+        let b = sink.list("b@x.tmp.example.org").remove(0);
+        // One buffer for both copies, each with its own trace header.
+        assert_eq!(a.content.as_ptr(), content.as_ptr());
+        assert_eq!(b.content.as_ptr(), content.as_ptr());
+        assert_eq!(a.raw(), [&b"Received: a\r\n"[..], &content].concat());
+        assert_eq!(b.raw(), [&b"Received: b\r\n"[..], &content].concat());
+        // The bound still counts each copy in full.
+        assert_eq!(sink.usage(), (2 * (13 + 300), 2));
+    }
+
+    #[tokio::test]
     async fn the_size_limit_counts_received_content_not_our_trace_header() {
         let sink = Sink::new(&config(1 << 20, 10, WhenFull::Evict), 100);
         let trace = "Received: from x\r\n";
@@ -695,10 +745,10 @@ mod tests {
         );
         let stored = sink.list("a@x.tmp.example.org");
         assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].raw.len(), trace.len() + 100);
+        assert_eq!(stored[0].size(), trace.len() + 100);
         assert!(
             stored[0]
-                .raw
+                .raw()
                 .starts_with(b"Received: from x\r\nSubject: 1\r\n")
         );
         // The store's byte bound still counts the whole copy.
@@ -1038,7 +1088,7 @@ mod tests {
             .mailboxes
             .values()
             .flatten()
-            .map(|m| m.raw.len() as u64)
+            .map(|m| m.size() as u64)
             .sum();
         assert_eq!(bytes, state.bytes);
         assert!(state.bytes <= 2_000 && !state.order.is_empty());
@@ -1070,7 +1120,7 @@ mod tests {
             .mailboxes
             .values()
             .flatten()
-            .map(|m| m.raw.len() as u64)
+            .map(|m| m.size() as u64)
             .sum();
         assert_eq!(bytes, state.bytes);
         assert!(state.bytes <= 10_000);
