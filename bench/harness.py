@@ -106,6 +106,9 @@ class Graveyard:
     def __init__(self, path):
         self.path = path
         self.stamp = path.with_name(path.name + ".freed")
+        # Names unique across runs: a run that failed leaves its graveyard
+        # for the next one that completes to empty.
+        self.prefix = f"{time.time_ns()}-"
         self.n = 0
 
     def wait_for_last(self):
@@ -124,7 +127,7 @@ class Graveyard:
         self.path.mkdir(parents=True, exist_ok=True)
         self.n += 1
         try:
-            os.rename(path, self.path / str(self.n))
+            os.rename(path, self.path / f"{self.prefix}{self.n}")
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
