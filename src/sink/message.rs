@@ -125,8 +125,8 @@ fn unfold(raw: &[u8]) -> String {
 impl Message {
     /// The listing line.
     pub fn summary(&self) -> Summary {
-        let raw = self.raw();
-        summary_of(self, parse(&raw).as_ref())
+        // Our trace header holds none of the fields a listing shows.
+        summary_of(self, parse(self.content()).as_ref())
     }
 
     /// Everything shown when the message is opened. `images` keeps remote
@@ -183,16 +183,14 @@ impl Message {
 
     /// The sanitized HTML body alone; None when there is none.
     pub fn html(&self, images: bool) -> Option<String> {
-        let raw = self.raw();
-        let m = parse(&raw)?;
+        let m = parse(self.content())?;
         let part = m.html_part(0).filter(|p| p.is_text_html())?;
         Some(sanitize::clean(part.text_contents()?, images))
     }
 
     /// Attachment number `index` (as listed in [`Detail::attachments`]).
     pub fn attachment(&self, index: usize) -> Option<AttachmentBody> {
-        let raw = self.raw();
-        let m = parse(&raw)?;
+        let m = parse(self.content())?;
         let part = m.attachments().nth(index)?;
         Some(AttachmentBody {
             filename: part.attachment_name().map(str::to_string),

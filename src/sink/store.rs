@@ -57,6 +57,12 @@ impl Message {
         self.trace.len() + self.content.len()
     }
 
+    /// What the client sent, without our trace header: all a listing line,
+    /// the HTML body or an attachment needs, with no join.
+    pub(crate) fn content(&self) -> &[u8] {
+        &self.content
+    }
+
     /// The whole message exactly as handed over, trace header first. Joined
     /// on each call for a copy with a trace header: people read a message
     /// far less often than mail arrives.
@@ -254,12 +260,11 @@ impl Sink {
 
     /// Stores one copy of a message received over SMTP: our `trace` header,
     /// then the `content` the client sent, shared with the transaction's
-    /// other copies (each copy still counts in full against the store's
-    /// bound, so the bound overstates, never understates, the memory held).
-    /// The size limit (SIZE, RFC 1870)
-    /// is the client's and counts the content alone, so a message at the
-    /// limit still fits with the trace header on top; the store's own byte
-    /// bound counts the whole copy.
+    /// other copies. The size limit (SIZE, RFC 1870) is the client's and
+    /// counts the content alone, so a message at the limit still fits with
+    /// the trace header on top; the store's own byte bound counts the whole
+    /// copy, each copy in full, so it overstates, never understates, the
+    /// memory held.
     ///
     /// `reserved` is the room the content took while it streamed in: the
     /// copy uses what it holds first (the reservation shrinks by that much,
