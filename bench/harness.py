@@ -95,11 +95,12 @@ class Graveyard:
     an inode freed in the last minute, or the last six while its inode
     table block is dirty (as it stays while new inodes go into the same
     block group): each new inode is found by walking past every such inode
-    of its group (`recently_deleted()` in fs/ext4/ialloc.c). Deleting one run's 6,000 copies made every create
-    of the next runs pay for that walk: the disk ceiling at 20 writers fell
-    from about 8,800 to 2,500 copies/s, all of it kernel CPU. A server that
-    frees inodes as it works (Postfix deletes each queue file) still pays
-    for its own; what the harness frees must not be charged to anyone."""
+    of its group (`recently_deleted()` in fs/ext4/ialloc.c). Deleting one
+    run's 6,000 copies made every create of the next runs pay for that
+    walk: the disk ceiling at 20 writers fell from about 8,800 to 2,500
+    copies/s, all of it kernel CPU. A server that frees inodes as it works
+    (Postfix deletes each queue file) still pays for its own; what the
+    harness frees must not be charged to anyone."""
 
     QUIET = 365  # the kernel's RECENTCY_MIN + RECENTCY_DIRTY (60 + 300 s), and a margin
 
@@ -110,6 +111,16 @@ class Graveyard:
         # for the next one that completes to empty.
         self.prefix = f"{time.time_ns()}-"
         self.n = 0
+
+    def check_room(self, todo, reps, maildir_servers):
+        """Every copy of the benchmark stays on disk until its end."""
+        need = sum(l.messages * l.rcpts * (l.size + 1024) for l in todo) * reps * maildir_servers
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.path.parent).free
+        if free < need * 1.2:
+            raise SystemExit(f"the benchmark keeps about {need / 2**30:.1f} GiB of copies under "
+                             f"{self.path.parent} until it ends; only {free / 2**30:.1f} GiB are free "
+                             "(fewer loads with --loads, or --quick, need less)")
 
     def wait_for_last(self):
         """A run right after another would walk that one's freed inodes."""
@@ -719,18 +730,20 @@ def main():
                              f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox-sink",
                              sink=True))
     servers.append(SmtpSink())
-    servers[0].provision()  # the sink's directory too
+    sqlite = servers[0]
     if args.only:
         keep = args.only.split(",")
         servers = [s for s in servers if s.name in keep]
+    todo = loads(args.quick)
+    if args.loads:
+        todo = [l for l in todo if l.name in args.loads.split(",")]
+    GRAVEYARD.check_room(todo, args.reps, sum(1 for s in servers if s.maildir))
+    sqlite.provision()  # the sink's directory too
     for s in servers:
         if s.name == "letterbox-pg":
             s.provision()
 
     results = []
-    todo = loads(args.quick)
-    if args.loads:
-        todo = [l for l in todo if l.name in args.loads.split(",")]
     for load in todo:
         for rep in range(args.reps):
             # Alternate the order too, so no server always runs on a warm cache.
