@@ -8,6 +8,7 @@
 //! # Map of the modules
 //! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, check).
 //! - [`config`]: the configuration as written: defaults, TOML file, `LETTERBOX_…` variables.
+//! - [`blocking`]: blocking work moved off the async runtime, and the debug guard that proves it.
 //! - [`units`]: durations (`1h`) and sizes (`500M`) as people write them.
 //! - [`address`]: the one place addresses become canonical (case, IDNA, safe local parts).
 //! - [`password`]: `{ARGON2ID}` hashes that Dovecot verifies.
@@ -24,6 +25,7 @@
 //! See `docs/flow.md` for one message's path from connect to fsync.
 
 pub mod address;
+pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod delivery;
