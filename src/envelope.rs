@@ -1,6 +1,7 @@
-//! What the SMTP session hands over when a message has been received: the
-//! envelope (sender, routed recipients) and the trace header to prepend.
-//! Delivery and the sink see only this, never the session.
+//! What a session hands over when a message has been received: the
+//! envelope (sender, routed recipients), the trace header to prepend and
+//! the fields checks added. Delivery and the sink see only this, never the
+//! session.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,6 +19,10 @@ pub struct Envelope {
     pub recipients: Vec<Recipient>,
     /// Facts for the Received header of each copy.
     pub received: Received,
+    /// Fields the pipeline's checks added (Authentication-Results, a spam
+    /// verdict…), each ending in CRLF; every copy carries them below its
+    /// Received field.
+    pub headers: String,
 }
 
 /// A recipient accepted at RCPT time, and where it goes.
@@ -107,6 +112,7 @@ mod tests {
                 tls: Some("TLSv1.3:TLS13_AES_128_GCM_SHA256".into()),
                 date: "Sun, 22 Nov 2026 12:00:00 +0000".into(),
             },
+            headers: String::new(),
         };
         assert_eq!(
             env.received_header("alice@example.org"),

@@ -1,9 +1,10 @@
 //! letterbox: a virtual-user maildir MTA backed by SQL.
 //!
-//! Mail arrives over SMTP, every recipient is checked against the SQL
-//! directory at RCPT time, and each accepted copy is written atomically
-//! into `<root>/<domain>/<local>/` maildirs before the 250 reply. Wildcard
-//! subdomains may instead route to an ephemeral in-memory sink.
+//! Mail arrives over SMTP (or LMTP from a local MTA), every recipient is
+//! checked against the SQL directory at RCPT time, and each accepted copy
+//! is written atomically into `<root>/<domain>/<local>/` maildirs before
+//! the 250 reply. Wildcard subdomains may instead route to an ephemeral
+//! in-memory sink.
 //!
 //! # Map of the modules
 //! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, check).
@@ -18,9 +19,13 @@
 //! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping.
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
-//! - [`smtp`]: the ESMTP server: command parser, DATA decoder, session per connection, listeners.
-//! - [`dispatch`]: hands a received transaction to the maildirs and the sink; its result is the reply.
-//! - [`serve`]: `letterbox serve`, wiring the runtime together.
+//! - [`limits`]: connection limits shared by every listener.
+//! - [`runtime`]: the shared parts of a running server (directory, maildirs, sink, TLS, DNS, limits), outside any protocol.
+//! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, delivery with per-recipient outcomes.
+//! - [`reply`]: every SMTP/LMTP reply, spelled in one place, including those for pipeline outcomes.
+//! - [`smtp`]: the ESMTP/LMTP session and listeners: command parser, DATA decoder, session per connection.
+//! - [`lmtp`]: LMTP intake: binding its TCP and unix sockets.
+//! - [`serve`]: `letterbox serve`, wiring the runtime, the pipeline and the listeners together.
 //!
 //! See `docs/flow.md` for one message's path from connect to fsync.
 
@@ -30,9 +35,13 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod directory;
-pub mod dispatch;
 pub mod envelope;
+pub mod limits;
+pub mod lmtp;
 pub mod password;
+pub mod pipeline;
+pub mod reply;
+pub mod runtime;
 pub mod serve;
 pub mod sink;
 pub mod smtp;

@@ -1,7 +1,7 @@
 //! `letterbox serve`: raises the open files limit, builds the runtime
-//! objects from the config (pools, maildirs, sink, TLS), binds every
-//! listener, and runs until SIGTERM or SIGINT. SIGHUP reloads the TLS
-//! certificate and key.
+//! objects from the config (pools, maildirs, sink, TLS) and the pipeline,
+//! binds every listener (SMTP, LMTP, the sink's page), and runs until
+//! SIGTERM or SIGINT. SIGHUP reloads the TLS certificate and key.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,16 +14,22 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, LogFormat};
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
+use crate::pipeline::Pipeline;
+use crate::runtime::Runtime;
 use crate::sink::Sink;
-use crate::smtp::{Context, Server};
+use crate::smtp::server::{Bound, Server};
+use crate::smtp::session::Protocol;
 
 /// A started server: its bound addresses and the handles to stop it.
 pub struct Running {
     /// Where SMTP listens (port 0 in the config becomes the real port).
     pub smtp_addrs: Vec<SocketAddr>,
+    /// Where LMTP listens, when configured.
+    pub lmtp: Vec<Bound>,
     /// Where the sink's web page and API listen, when enabled.
     pub http_addr: Option<SocketAddr>,
-    pub context: Arc<Context>,
+    pub runtime: Arc<Runtime>,
+    pub pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     grace: std::time::Duration,
@@ -45,7 +51,7 @@ impl Running {
         {
             tracing::warn!("shutdown grace period over; closing remaining sessions");
         }
-        self.context.directory.close().await;
+        self.runtime.directory.close().await;
     }
 }
 
@@ -68,7 +74,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Err(e) => tracing::warn!(error = %e, "could not sweep tmp/ directories"),
     }
     let sink = Sink::new(&config.sink, config.smtp.max_message_size.0);
-    let context = Arc::new(Context::new(config.clone(), directory, maildirs, sink)?);
+    let runtime = Arc::new(Runtime::new(config.clone(), directory, maildirs, sink).await?);
+    let pipeline = Arc::new(Pipeline::new(runtime.clone(), Vec::new()));
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -77,11 +84,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for SMTP on {addr}"))?;
-        let server = Server::new(context.clone(), listener);
-        let local = server.local_addr()?;
-        tracing::info!(%local, "SMTP listening");
-        smtp_addrs.push(local);
-        tokio::spawn(server.run(shutdown.clone(), tracker.clone()));
+        smtp_addrs.push(listener.local_addr()?);
+        let server = Server::new(pipeline.clone(), listener);
+        tracing::info!(local = %server.bound()?, "SMTP listening");
+        tracker.spawn(server.run(shutdown.clone(), tracker.clone()));
+    }
+    let mut lmtp = Vec::new();
+    for addr in &config.lmtp.listen {
+        let socket = crate::lmtp::bind(addr).await?;
+        let server = Server::with_protocol(pipeline.clone(), socket, Protocol::Lmtp);
+        let bound = server.bound()?;
+        tracing::info!(local = %bound, "LMTP listening");
+        lmtp.push(bound);
+        tracker.spawn(server.run(shutdown.clone(), tracker.clone()));
     }
     let http_addr = if config.sink.enabled {
         let addr = config.sink.http_listen;
@@ -90,13 +105,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .with_context(|| format!("cannot listen for the sink's web page on {addr}"))?;
         let local = listener.local_addr()?;
         tracing::info!(%local, "sink web page listening");
-        let ctx = &context;
-        let router = ctx.sink.router(
-            ctx.directory.clone(),
-            ctx.delimiter,
-            ctx.static_rules.clone(),
-        );
-        let sink = ctx.sink.clone();
+        let rt = &runtime;
+        let router = rt
+            .sink
+            .router(rt.directory.clone(), rt.delimiter, rt.static_rules.clone());
+        let sink = rt.sink.clone();
         let stop = shutdown.clone();
         tracker.spawn(async move {
             if let Err(e) = sink.serve(listener, router, stop).await {
@@ -109,8 +122,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     Ok(Running {
         smtp_addrs,
+        lmtp,
         http_addr,
-        context,
+        runtime,
+        pipeline,
         shutdown,
         tracker,
         grace: config.smtp.shutdown_grace.0,
@@ -131,19 +146,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for a in &running.smtp_addrs {
         println!("letterbox: smtp listening on {a}");
     }
+    for a in &running.lmtp {
+        println!("letterbox: lmtp listening on {a}");
+    }
     if let Some(a) = running.http_addr {
         println!("letterbox: sink web page on http://{a}/");
     }
     // Scripts and tests wait for this line: every listener is bound.
     println!("letterbox: ready");
-    let ctx = running.context.clone();
+    let rt = running.runtime.clone();
     let shutdown = running.shutdown.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => match ctx.reload_tls() {
+                _ = hup.recv() => match rt.reload_tls().await {
                     Ok(true) => tracing::info!("TLS certificate reloaded"),
                     Ok(false) => tracing::info!("SIGHUP: no TLS configured"),
                     Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),

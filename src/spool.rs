@@ -69,13 +69,20 @@ impl Spool {
         self.file.is_some()
     }
 
-    /// Appends content. When the memory limit is crossed this writes a file,
-    /// which blocks: callers on the async runtime pass large chunks through
-    /// `tokio::task::block_in_place` or accept the short stall, as the
-    /// session does once per large message.
+    /// Whether appending `n` more bytes writes to a file, which blocks.
+    pub fn would_block(&self, n: usize) -> bool {
+        self.file.is_some() || (self.dir.is_some() && self.memory.len() + n > self.memory_limit)
+    }
+
+    /// Appends content. When [`Spool::would_block`] says so this writes a
+    /// file: callers on the async runtime go through
+    /// [`crate::blocking::run`] then.
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
+        }
+        if self.would_block(data.len()) {
+            crate::blocking::assert_off_runtime("writing a spool file");
         }
         match &mut self.file {
             Some(f) => f.write_all(data)?,

@@ -21,10 +21,15 @@ pub enum TlsError {
     Mismatch { cert: PathBuf, key: PathBuf },
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The blocking task that reads the files did not finish.
+    #[error("TLS setup: {0}")]
+    Load(String),
 }
 
-/// Loads and checks a certificate chain and its key.
+/// Loads and checks a certificate chain and its key. Reads files: call it
+/// through [`crate::blocking::run`] from async code.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    crate::blocking::assert_off_runtime("reading TLS certificate and key files");
     let cert_err = |why: String| TlsError::Cert {
         path: cert.to_path_buf(),
         why,

@@ -191,7 +191,7 @@ async fn sink_mail_over_smtp_never_touches_the_disk() {
         c.maildir.spool_memory_limit = letterbox::units::ByteSize(SPOOL_LIMIT);
     })
     .await;
-    let sink = s.running.as_ref().unwrap().context.sink.clone();
+    let sink = s.running.as_ref().unwrap().runtime.sink.clone();
     let api = format!(
         "http://{}/api/v1/mailbox",
         s.running.as_ref().unwrap().http_addr.unwrap()

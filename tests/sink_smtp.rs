@@ -494,7 +494,7 @@ async fn evict_mode_makes_room_by_forgetting_the_oldest() {
     assert!(large + held[0] <= 6000 && large + held[0] + held[1] > 6000);
     assert_eq!(subjects(list(&base, BOX).await), ["m3"]);
     assert_eq!(
-        s.running.as_ref().unwrap().context.sink.usage(),
+        s.running.as_ref().unwrap().runtime.sink.usage(),
         (large + held[0], 2)
     );
 }
@@ -502,7 +502,7 @@ async fn evict_mode_makes_room_by_forgetting_the_oldest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_expires_on_time_with_no_traffic() {
     let s = TestServer::start_with_sink(1, |_| {}).await;
-    let sink = s.running.as_ref().unwrap().context.sink.clone();
+    let sink = s.running.as_ref().unwrap().runtime.sink.clone();
     let mut c = s.connect().await;
     c.greeting().await;
     let reply = c
@@ -640,7 +640,7 @@ async fn mail_still_arriving_counts_toward_the_sinks_byte_bound() {
         })
         .await;
         let running = s.running.as_ref().unwrap();
-        let sink = running.context.sink.clone();
+        let sink = running.runtime.sink.clone();
         let base = format!("http://{}/api/v1/mailbox", running.http_addr.unwrap());
 
         // Session one holds a transaction open after 4,000 of its 5,000 bytes.
@@ -730,7 +730,7 @@ async fn no_recipient_joins_a_transaction_once_bdat_content_has_begun() {
         c.maildir.spool_memory_limit = letterbox::units::ByteSize(100);
     })
     .await;
-    let sink = s.running.as_ref().unwrap().context.sink.clone();
+    let sink = s.running.as_ref().unwrap().runtime.sink.clone();
     let mut c = s.connect().await;
     c.greeting().await;
     c.cmd_prefix("EHLO client.example", "250-mx.example.org")

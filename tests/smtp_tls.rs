@@ -85,7 +85,7 @@ async fn starttls_discards_pipelined_plaintext_and_resets_state() {
 #[tokio::test]
 async fn command_and_data_timeouts_on_a_paused_clock() {
     let s = TestServer::start(|_| {}).await;
-    let ctx = s.running.as_ref().unwrap().context.clone();
+    let ctx = s.running.as_ref().unwrap().pipeline.clone();
     let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
 
     // DATA block timeout (180 s). The directory is consulted on a running
@@ -133,7 +133,7 @@ async fn command_and_data_timeouts_on_a_paused_clock() {
 #[tokio::test]
 async fn in_memory_stream_pregreet_is_refused() {
     let s = TestServer::start(|_| {}).await;
-    let ctx = s.running.as_ref().unwrap().context.clone();
+    let ctx = s.running.as_ref().unwrap().pipeline.clone();
     let (client, server) = tokio::io::duplex(4096);
     let mut c = Client::new(client);
     c.send(b"EHLO hasty.example\r\n").await;

@@ -223,6 +223,7 @@ fn trace_headers(envelope: &Envelope, m: &Mailbox) -> Vec<u8> {
             .received_header(&recipient_of(envelope, m))
             .as_bytes(),
     ));
+    h.extend_from_slice(&lf::to_lf(envelope.headers.as_bytes()));
     h
 }
 

@@ -8,13 +8,15 @@
 
 use smtp_proto::{Error as ProtoError, MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
 
-use super::reply::Reply;
+use crate::reply::Reply;
 
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Ehlo(String),
     Helo(String),
+    /// LMTP's greeting verb (RFC 2033 §4.1); SMTP answers it 502.
+    Lhlo(String),
     Mail(MailFrom),
     Rcpt(String),
     Data,
@@ -29,7 +31,7 @@ pub enum Command {
     Vrfy,
     Expn,
     StartTls,
-    /// A command we know but do not offer (AUTH, ETRN, LHLO, …).
+    /// A command we know but do not offer (AUTH, ETRN, …).
     NotImplemented,
 }
 
@@ -115,8 +117,8 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         Request::Vrfy { .. } => Command::Vrfy,
         Request::Expn { .. } => Command::Expn,
         Request::StartTls => Command::StartTls,
-        Request::Lhlo { .. }
-        | Request::Auth { .. }
+        Request::Lhlo { host } => Command::Lhlo(host.into_owned()),
+        Request::Auth { .. }
         | Request::Etrn { .. }
         | Request::Atrn { .. }
         | Request::Burl { .. } => Command::NotImplemented,

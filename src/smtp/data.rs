@@ -1,6 +1,7 @@
-//! DATA (RFC 5321 §4.1.1.4) and BDAT (RFC 3030): receive the content into a
-//! spool, bounded by the size limit, then hand the transaction over for
-//! delivery and answer with what delivery reports.
+//! DATA (RFC 5321 §4.1.1.4) and BDAT (RFC 3030): receive the content into
+//! the spool the pipeline chose, bounded by its size limit, then hand the
+//! transaction to the pipeline's data checks and delivery, and answer with
+//! what they report: one reply over SMTP, one per recipient over LMTP.
 //!
 //! An oversized message is read to its end before it is refused: stopping
 //! early would leave the rest to be read as commands (the smuggling door).
@@ -8,10 +9,12 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::dot::{Decoder, Progress};
-use super::reply::Reply;
-use super::session::{Next, Read, Session};
+use super::session::{Next, Protocol, Read, Session, Transaction};
 use crate::config::BareLf;
 use crate::envelope::{self, Envelope, Received};
+use crate::pipeline::content::Content;
+use crate::pipeline::{Mode, Stage};
+use crate::reply::Reply;
 use crate::sink::Reservation;
 use crate::spool::Spool;
 
@@ -44,27 +47,27 @@ struct Body {
 }
 
 impl Body {
-    fn new(decoder: Decoder, spool: Spool, max: u64, reservation: Option<Reservation>) -> Body {
+    fn new(decoder: Decoder, content: Content) -> Body {
         Body {
             decoder,
-            spool,
+            spool: content.spool,
             pending: Vec::with_capacity(SPOOL_CHUNK),
             size: 0,
-            max,
+            max: content.max,
             too_big: false,
             spool_error: None,
-            reservation,
+            reservation: content.reservation,
             sink_full: false,
         }
     }
 
     /// Decodes `input`; returns the decoder's progress.
-    fn feed(&mut self, input: &[u8]) -> Progress {
+    async fn feed(&mut self, input: &[u8]) -> Progress {
         let before = self.pending.len();
         let progress = self.decoder.feed(input, &mut self.pending);
         self.account(before);
         if self.pending.len() >= SPOOL_CHUNK {
-            self.flush();
+            self.flush().await;
         }
         progress
     }
@@ -90,24 +93,61 @@ impl Body {
         }
     }
 
-    fn flush(&mut self) {
-        if !self.too_big
-            && !self.sink_full
-            && self.spool_error.is_none()
-            && !self.pending.is_empty()
-            && let Err(e) = self.spool.write(&self.pending)
-        {
-            self.spool_error = Some(e);
+    /// Moves what is pending into the spool; a write that reaches the disk
+    /// runs on the blocking pool, never on the runtime.
+    async fn flush(&mut self) {
+        if self.too_big || self.sink_full || self.spool_error.is_some() || self.pending.is_empty() {
+            self.pending.clear();
+            return;
         }
-        self.pending.clear();
+        if !self.spool.would_block(self.pending.len()) {
+            if let Err(e) = self.spool.write(&self.pending) {
+                self.spool_error = Some(e);
+            }
+            self.pending.clear();
+            return;
+        }
+        let mut spool = std::mem::replace(&mut self.spool, Spool::new(0, None));
+        let mut pending = std::mem::take(&mut self.pending);
+        let written = crate::blocking::run("writing a spool file", move || {
+            let r = spool.write(&pending);
+            pending.clear();
+            (spool, pending, r)
+        })
+        .await;
+        match written {
+            Ok((spool, pending, r)) => {
+                self.spool = spool;
+                self.pending = pending;
+                self.spool_error = r.err();
+            }
+            Err(e) => self.spool_error = Some(std::io::Error::other(e)),
+        }
     }
 
     /// Ends the content (flushing a trailing CR of BDAT data).
-    fn finish(&mut self) {
+    async fn finish(&mut self) {
         let before = self.pending.len();
         self.decoder.finish(&mut self.pending);
         self.account(before);
-        self.flush();
+        self.flush().await;
+    }
+
+    /// Why the content itself cannot be accepted, if it cannot.
+    fn refusal(&self, bare_lf: BareLf) -> Option<Reply> {
+        if self.too_big {
+            Some(Reply::message_too_big())
+        } else if self.decoder.saw_bare_lf && bare_lf == BareLf::Reject {
+            Some(Reply::bare_lf())
+        } else if let Some(e) = &self.spool_error {
+            tracing::error!(error = %e, "spooling the message failed");
+            Some(Reply::local_error())
+        } else if self.sink_full {
+            // Even in evict mode: what filled the sink is still arriving.
+            Some(Reply::sink_full())
+        } else {
+            None
+        }
     }
 }
 
@@ -119,18 +159,8 @@ enum Fill {
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn new_body(&self, decoder: Decoder) -> Body {
-        let has_sink = self.tx.as_ref().is_some_and(|t| t.has_sink);
-        // Sink mail never touches the disk, not even as a spool file.
-        let dir = (!has_sink).then(|| self.ctx.maildirs.spool_dir());
-        let limit = self.ctx.config.maildir.spool_memory_limit.0 as usize;
-        // The sink's bounds apply as the content streams in, not after.
-        let max = if has_sink {
-            self.ctx.sink.max_message_size()
-        } else {
-            self.ctx.config.smtp.max_message_size.0
-        };
-        let reservation = has_sink.then(|| self.ctx.sink.reservation());
-        Body::new(decoder, Spool::new(limit, dir), max, reservation)
+        let recipients = self.tx.as_ref().map_or(&[][..], |t| &t.recipients);
+        Body::new(decoder, self.pipeline.content(recipients))
     }
 
     /// Checks that a transaction is ready for content.
@@ -142,21 +172,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    pub(super) async fn data(&mut self) -> std::io::Result<(Reply, Next)> {
+    pub(super) async fn data(&mut self) -> std::io::Result<(Vec<Reply>, Next)> {
         if self.tx.as_ref().is_some_and(|t| t.bdat.is_some()) {
             return Ok((
-                Reply::bad_sequence("DATA not allowed during BDAT transfer"),
+                vec![Reply::bad_sequence("DATA not allowed during BDAT transfer")],
                 Next::Continue,
             ));
         }
         if let Err(r) = self.content_allowed() {
-            return Ok((r, Next::Continue));
+            return Ok((vec![r], Next::Continue));
         }
         Reply::start_data().write_to(&mut self.wbuf);
         let mut body = self.new_body(Decoder::data());
         loop {
             if !self.rbuf.is_empty() {
-                match body.feed(&self.rbuf) {
+                match body.feed(&self.rbuf).await {
                     Progress::More => self.rbuf.clear(),
                     Progress::Done(n) => {
                         self.advance(n);
@@ -165,15 +195,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             if let Fill::Stop(reply) = self.fill_data().await? {
-                self.tx = None;
-                return Ok((reply, Next::Close));
+                self.end_transaction();
+                return Ok((vec![reply], Next::Close));
             }
         }
-        body.flush();
+        body.flush().await;
         Ok((self.finish(body).await, Next::Continue))
     }
 
-    pub(super) async fn bdat(&mut self, size: u64, last: bool) -> std::io::Result<(Reply, Next)> {
+    pub(super) async fn bdat(
+        &mut self,
+        size: u64,
+        last: bool,
+    ) -> std::io::Result<(Vec<Reply>, Next)> {
         let allowed = self.content_allowed();
         let mut body = match (&allowed, self.tx.as_mut().and_then(|t| t.bdat.take())) {
             (Ok(()), Some(b)) => Some(b.body),
@@ -186,39 +220,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.rbuf.is_empty()
                 && let Fill::Stop(reply) = self.fill_data().await?
             {
-                self.tx = None;
-                return Ok((reply, Next::Close));
+                self.end_transaction();
+                return Ok((vec![reply], Next::Close));
             }
             let chunk = self.take_buffered(remaining.min(usize::MAX as u64) as usize);
             remaining -= chunk.len() as u64;
             if let Some(b) = &mut body {
-                b.feed(&chunk);
+                b.feed(&chunk).await;
             }
         }
         let (Ok(()), Some(mut body)) = (allowed.clone(), body) else {
-            return Ok((
-                allowed.expect_err("no body only when refused"),
-                Next::Continue,
-            ));
+            let refused = allowed.expect_err("no body only when refused");
+            return Ok((vec![refused], Next::Continue));
         };
         if last {
-            body.finish();
+            body.finish().await;
             return Ok((self.finish(body).await, Next::Continue));
         }
         if body.too_big {
             // RFC 3030 §2: after an error the transaction is over.
-            self.tx = None;
-            return Ok((Reply::message_too_big(), Next::Continue));
+            self.end_transaction();
+            return Ok((vec![Reply::message_too_big()], Next::Continue));
         }
         if let Some(tx) = &mut self.tx {
             tx.bdat = Some(Bdat { body });
         }
-        Ok((Reply::chunk_ok(size), Next::Continue))
+        Ok((vec![Reply::chunk_ok(size)], Next::Continue))
     }
 
     /// Reads more content; on timeout or disconnect says how to stop.
     async fn fill_data(&mut self) -> std::io::Result<Fill> {
-        let timeout = self.ctx.config.smtp.data_timeout.0;
+        let timeout = self.config().smtp.data_timeout.0;
         Ok(match self.fill(timeout, false).await? {
             Ok(true) => Fill::Done,
             Ok(false) => Fill::Stop(Reply::local_error()),
@@ -227,41 +259,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         })
     }
 
-    /// The content is complete: refuse it, or deliver it and report.
-    async fn finish(&mut self, body: Body) -> Reply {
-        let tx = self.tx.take().expect("content only inside a transaction");
-        // The transaction id exists only once the message is accepted for delivery.
-        let mut id = None;
-        let reply = if body.too_big {
-            Reply::message_too_big()
-        } else if body.decoder.saw_bare_lf && self.ctx.config.smtp.bare_lf == BareLf::Reject {
-            Reply::bare_lf()
-        } else if let Some(e) = &body.spool_error {
-            tracing::error!(error = %e, "spooling the message failed");
-            Reply::local_error()
-        } else if body.sink_full {
-            // Even in evict mode: what filled the sink is still arriving.
-            Reply::sink_full()
-        } else {
-            let envelope = Envelope {
-                id: envelope::new_id(),
-                sender: tx.sender.clone(),
-                recipients: tx.recipients,
-                received: Received {
-                    helo: self.helo.clone().unwrap_or_default(),
-                    rdns: self.conn.rdns_name().await,
-                    ip: self.conn.ip,
-                    by: self.ctx.hostname.clone(),
-                    with: protocol(self.esmtp, tx.smtputf8, self.conn.tls.is_some()),
-                    tls: self.conn.tls.clone(),
-                    date: envelope::rfc5322_now(),
-                },
-            };
-            let reply =
-                crate::dispatch::deliver(&self.ctx, &envelope, body.spool, body.reservation).await;
-            id = Some(envelope.id);
-            reply
+    /// The content is complete: refuse it, or pass it through the data
+    /// checks and deliver it. Returns one reply per accepted RCPT for LMTP,
+    /// one for the transaction for SMTP.
+    async fn finish(&mut self, body: Body) -> Vec<Reply> {
+        let refused = body.refusal(self.config().smtp.bare_lf);
+        let decision = match refused {
+            Some(_) => None,
+            None => Some(self.stage(Stage::Data, None, Some(&body.spool)).await),
         };
+        let mut tx = self
+            .end_transaction()
+            .expect("content only inside a transaction");
+        let mut id = None;
+        let outcomes: Vec<Reply> = match (refused, decision) {
+            (Some(reply), _) => vec![reply],
+            (None, Some(decision)) => match decision.apply(&mut tx.discard, &mut tx.headers) {
+                Err(reply) => vec![reply],
+                Ok(()) if tx.discard => {
+                    tracing::info!(id = %tx.id, "discarded; delivered nowhere");
+                    id = Some(tx.id.clone());
+                    vec![Reply::delivered(&tx.id)]
+                }
+                Ok(()) => {
+                    id = Some(tx.id.clone());
+                    self.deliver(&mut tx, body.spool, body.reservation).await
+                }
+            },
+            (None, None) => unreachable!("a decision is made when nothing refused"),
+        };
+        let replies = self.replies_for(&tx, outcomes);
         tracing::info!(
             id = id.as_deref().unwrap_or("-"),
             ip = %self.conn.ip,
@@ -271,19 +298,82 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             rcpts = ?tx.rcpt_log,
             size = body.size,
             duration_ms = tx.started.elapsed().as_millis() as u64,
-            reply = %reply.to_wire().trim_end(),
+            reply = %replies.iter().map(|r| r.to_wire().trim_end().to_string()).collect::<Vec<_>>().join("; "),
             "transaction"
         );
-        reply
+        replies
+    }
+
+    /// Delivers an accepted message; one reply per distinct recipient, or
+    /// one for all when the protocol answers once.
+    async fn deliver(
+        &mut self,
+        tx: &mut Transaction,
+        spool: Spool,
+        reservation: Option<Reservation>,
+    ) -> Vec<Reply> {
+        let envelope = Envelope {
+            id: tx.id.clone(),
+            sender: tx.sender.clone(),
+            recipients: std::mem::take(&mut tx.recipients),
+            received: Received {
+                helo: self.helo.clone().unwrap_or_default(),
+                rdns: self.conn.rdns_name().await,
+                ip: self.conn.ip,
+                by: self.runtime().hostname.clone(),
+                with: protocol(
+                    self.protocol,
+                    self.esmtp,
+                    tx.smtputf8,
+                    self.conn.tls.is_some(),
+                ),
+                tls: self.conn.tls.clone(),
+                date: envelope::rfc5322_now(),
+            },
+            headers: std::mem::take(&mut tx.headers),
+        };
+        let mode = match self.protocol {
+            Protocol::Smtp => Mode::AllOrNothing,
+            Protocol::Lmtp => Mode::PerRecipient,
+        };
+        let outcomes = self
+            .pipeline
+            .deliver(&envelope, spool, reservation, mode)
+            .await;
+        outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(()) => Reply::delivered(&envelope.id),
+                Err(f) => Reply::from(f),
+            })
+            .collect()
+    }
+
+    /// The answer to the end of data: `outcomes` holds one reply for the
+    /// whole message, or one per distinct recipient.
+    fn replies_for(&self, tx: &Transaction, outcomes: Vec<Reply>) -> Vec<Reply> {
+        let of = |i: usize| outcomes.get(i).unwrap_or(&outcomes[0]).clone();
+        match self.protocol {
+            Protocol::Lmtp => tx.accepted.iter().map(|&i| of(i)).collect(),
+            // All-or-nothing: every outcome is the same, the first failure if any.
+            Protocol::Smtp => vec![
+                outcomes
+                    .iter()
+                    .find(|r| r.is_error())
+                    .unwrap_or(&outcomes[0])
+                    .clone(),
+            ],
+        }
     }
 }
 
 /// The `with` keyword of the Received header (RFC 3848, RFC 6531).
-fn protocol(esmtp: bool, utf8: bool, tls: bool) -> String {
-    let base = match (utf8, esmtp) {
-        (true, _) => "UTF8SMTP",
-        (false, true) => "ESMTP",
-        (false, false) => "SMTP",
+fn protocol(proto: Protocol, esmtp: bool, utf8: bool, tls: bool) -> String {
+    let base = match (proto, utf8, esmtp) {
+        (Protocol::Lmtp, _, _) => "LMTP",
+        (Protocol::Smtp, true, _) => "UTF8SMTP",
+        (Protocol::Smtp, false, true) => "ESMTP",
+        (Protocol::Smtp, false, false) => "SMTP",
     };
     format!("{base}{}", if tls { "S" } else { "" })
 }

@@ -5,11 +5,13 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::command::MailFrom;
-use super::reply::Reply;
 use super::session::{Session, Transaction};
+use crate::envelope;
+use crate::pipeline::Stage;
+use crate::reply::Reply;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub(super) fn mail(&mut self, from: MailFrom) -> Reply {
+    pub(super) async fn mail(&mut self, from: MailFrom) -> Reply {
         if self.helo.is_none() {
             return Reply::bad_sequence("Send EHLO or HELO first");
         }
@@ -18,7 +20,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if from
             .size
-            .is_some_and(|s| s > self.ctx.config.smtp.max_message_size.0)
+            .is_some_and(|s| s > self.config().smtp.max_message_size.0)
         {
             return Reply::message_too_big_declared();
         }
@@ -31,13 +33,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.tx = Some(Transaction {
             started: Instant::now(),
+            id: envelope::new_id(),
             sender: from.address,
             smtputf8: from.smtputf8,
             recipients: Vec::new(),
+            accepted: Vec::new(),
             rcpt_log: Vec::new(),
-            has_sink: false,
+            discard: self.conn.discard,
+            headers: self.conn.headers.clone(),
             bdat: None,
         });
+        let decision = self.stage(Stage::Mail, None, None).await;
+        let tx = self.tx.as_mut().expect("begun above");
+        if let Err(reply) = decision.apply(&mut tx.discard, &mut tx.headers) {
+            self.end_transaction();
+            return reply;
+        }
         Reply::sender_ok()
     }
 }

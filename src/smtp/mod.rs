@@ -1,12 +1,15 @@
-//! The SMTP engine: an ESMTP server (RFC 5321) for a receiving MX.
+//! The SMTP engine: an ESMTP server (RFC 5321) for a receiving MX, which
+//! also speaks LMTP (RFC 2033) for local clients.
 //!
-//! - [`reply`]: every reply, written in one place.
 //! - [`command`]: one line in, one typed command out (pure).
 //! - [`dot`]: the DATA decoder, smuggling-safe (pure).
-//! - [`session`]: the state machine, generic over the stream; one file per
-//!   stage: [`ehlo`], [`mail`], [`rcpt`], [`data`]. STARTTLS is an outcome
-//!   the caller handles by wrapping the stream and starting a new session.
-//! - [`server`]: listeners, connection limits, TLS upgrade and shutdown.
+//! - [`session`]: the state machine, generic over the stream and over the
+//!   protocol; one file per stage: [`ehlo`], [`mail`], [`rcpt`], [`data`].
+//!   It asks the [`crate::pipeline`] at every stage and writes every reply.
+//!   STARTTLS is an outcome the caller handles by wrapping the stream and
+//!   starting a new session.
+//! - [`server`]: TCP and unix listeners, the global connection limits, TLS
+//!   upgrade and shutdown.
 
 pub mod command;
 mod data;
@@ -14,9 +17,8 @@ pub mod dot;
 mod ehlo;
 mod mail;
 mod rcpt;
-pub mod reply;
 pub mod server;
 pub mod session;
 
-pub use server::{Context, Server};
-pub use session::{Outcome, Session};
+pub use server::Server;
+pub use session::{Outcome, Protocol, Session};

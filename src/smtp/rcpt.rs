@@ -1,14 +1,11 @@
-//! RCPT TO (RFC 5321 §4.1.1.3): every recipient is checked against the
-//! directory now, so nothing is accepted that would later bounce
-//! (no backscatter), and nothing foreign is accepted (never a relay).
+//! RCPT TO (RFC 5321 §4.1.1.3). The protocol's own rules are checked here;
+//! where the recipient goes, and whether it may, is the pipeline's.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::reply::Reply;
 use super::session::Session;
-use crate::address::{Address, AddressError};
-use crate::directory::Route;
-use crate::envelope::Recipient;
+use crate::pipeline::Stage;
+use crate::reply::Reply;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn rcpt(&mut self, to: String) -> Reply {
@@ -28,71 +25,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if tx.bdat.is_some() {
             return Reply::bad_sequence("RCPT not allowed during BDAT transfer");
         }
-        if tx.recipients.len() >= self.ctx.config.smtp.max_recipients {
+        // Duplicates count: LMTP owes each accepted RCPT a reply.
+        if tx.accepted.len() >= self.config().smtp.max_recipients {
             return Reply::too_many_recipients();
         }
         if !to.is_ascii() && !tx.smtputf8 {
             return Reply::need_utf8();
         }
-        // RFC 5321 §4.5.1: <Postmaster> without a domain must be accepted;
-        // it means the postmaster of our own host name.
-        let to = if to.is_empty() {
-            format!("postmaster@{}", self.ctx.hostname)
-        } else {
-            to.to_string()
-        };
-        let addr = match Address::from_smtp(&to) {
-            Ok(a) => a,
-            // A domain we cannot even parse (an IP literal, say) is not ours.
-            Err(AddressError::BadDomain(_) | AddressError::DomainTooLong(_)) => {
-                return Reply::relay_denied();
-            }
-            Err(_) => return Reply::bad_recipient(),
-        };
-        // A quoted local part holding `@` is an old relay trick; no mailbox
-        // here has one.
-        if addr.local.contains('@') {
-            return Reply::unknown_user();
-        }
-        let route = match self
-            .ctx
-            .directory
-            .resolve(&addr, self.ctx.delimiter, &self.ctx.static_rules)
-            .await
-        {
+        let recipient = match self.pipeline.recipient(to).await {
             Ok(r) => r,
-            Err(e) => {
-                tracing::error!(rcpt = %addr, error = %e, "directory lookup failed");
-                return Reply::directory_unavailable();
+            Err(refusal) => return Reply::from(&refusal),
+        };
+        let decision = self.stage(Stage::Rcpt, Some(&recipient), None).await;
+        let tx = self.tx.as_mut().expect("checked above");
+        if let Err(reply) = decision.apply(&mut tx.discard, &mut tx.headers) {
+            return reply;
+        }
+        let index = match tx
+            .recipients
+            .iter()
+            .position(|r| r.address == recipient.address)
+        {
+            Some(i) => i,
+            None => {
+                tx.recipients.push(recipient);
+                tx.recipients.len() - 1
             }
         };
-        match &*route {
-            Route::NotServed => return Reply::relay_denied(),
-            Route::UnknownUser => return Reply::unknown_user(),
-            Route::Mailboxes(boxes) => {
-                for m in boxes {
-                    match self.ctx.maildirs.is_over_quota(m).await {
-                        Ok(false) => {}
-                        Ok(true) => return Reply::mailbox_full(),
-                        Err(e) => {
-                            tracing::error!(mailbox = %m.address, error = %e, "quota check failed");
-                            return Reply::local_error();
-                        }
-                    }
-                }
-            }
-            Route::Sink { .. } => {
-                if !self.ctx.sink.has_room(&addr.to_string()) {
-                    return Reply::sink_full();
-                }
-            }
-        }
-        let tx = self.tx.as_mut().expect("checked above");
-        let address = addr.to_string();
-        if !tx.recipients.iter().any(|r| r.address == address) {
-            tx.has_sink |= matches!(*route, Route::Sink { .. });
-            tx.recipients.push(Recipient { address, route });
-        }
+        tx.accepted.push(index);
         Reply::recipient_ok()
     }
 }

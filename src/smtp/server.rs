@@ -1,180 +1,72 @@
-//! The listener side: accepts connections under global and per-IP limits,
-//! runs a session per connection, upgrades to TLS when a session asks, and
-//! stops accepting on shutdown while sessions finish their transaction.
+//! The listener side: accepts connections on a TCP or unix socket under
+//! the runtime's global and per-IP limits, runs a session per connection
+//! in the listener's protocol, upgrades SMTP to TLS when a session asks,
+//! and stops accepting on shutdown while sessions finish their transaction.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::reply::Reply;
-use super::session::{Connection, Outcome, Session};
-use crate::address;
-use crate::config::Config;
-use crate::delivery::Maildirs;
-use crate::directory::Directory;
-use crate::sink::Sink;
-use crate::tls::TlsError;
+use super::session::{Connection, Outcome, Protocol, Session};
+use crate::limits::Refused;
+use crate::pipeline::Pipeline;
+use crate::reply::Reply;
 
-/// Everything a session needs, shared by all of them.
-pub struct Context {
-    pub config: Arc<Config>,
-    pub hostname: String,
-    pub directory: Directory,
-    pub maildirs: Maildirs,
-    pub sink: Sink,
-    pub delimiter: Option<char>,
-    /// Sink rules from the config file, normalized.
-    pub static_rules: Arc<Vec<(String, Duration)>>,
-    /// Replaced on SIGHUP; sessions take a clone when they upgrade.
-    tls: RwLock<Option<TlsAcceptor>>,
-    resolver: Option<hickory_resolver::TokioResolver>,
+/// A bound socket.
+pub enum Socket {
+    Tcp(TcpListener),
+    /// A unix socket and its path, removed when the server stops.
+    Unix(UnixListener, PathBuf),
 }
 
-impl Context {
-    pub fn new(
-        config: Arc<Config>,
-        directory: Directory,
-        maildirs: Maildirs,
-        sink: Sink,
-    ) -> anyhow::Result<Context> {
-        let static_rules = config
-            .sink
-            .rules
-            .iter()
-            .map(|r| {
-                let pattern = address::sink_pattern(&r.pattern)
-                    .map_err(|e| anyhow::anyhow!("sink.rules: {e}"))?;
-                Ok((pattern, r.ttl.unwrap_or(config.sink.default_ttl).0))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let resolver = if config.smtp.reverse_dns {
-            match hickory_resolver::TokioResolver::builder_tokio() {
-                Ok(b) => Some(b.build()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no system DNS configuration; reverse DNS is off");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let ctx = Context {
-            hostname: config.hostname.clone(),
-            delimiter: config.subaddress_delimiter(),
-            static_rules: Arc::new(static_rules),
-            tls: RwLock::new(None),
-            resolver,
-            config,
-            directory,
-            maildirs,
-            sink,
-        };
-        ctx.reload_tls()?;
-        Ok(ctx)
-    }
-
-    /// (Re)loads the certificate and key named in the config. On error the
-    /// previous ones stay in use.
-    pub fn reload_tls(&self) -> Result<bool, TlsError> {
-        let (Some(cert), Some(key)) = (&self.config.tls.cert, &self.config.tls.key) else {
-            return Ok(false);
-        };
-        let acceptor = TlsAcceptor::from(crate::tls::server_config(cert, key)?);
-        *self.tls.write().unwrap() = Some(acceptor);
-        Ok(true)
-    }
-
-    pub fn tls_available(&self) -> bool {
-        self.tls.read().unwrap().is_some()
-    }
-
-    fn tls_acceptor(&self) -> Option<TlsAcceptor> {
-        self.tls.read().unwrap().clone()
-    }
-
-    fn start_rdns(&self, ip: IpAddr) -> Option<tokio::task::JoinHandle<Option<String>>> {
-        let resolver = self.resolver.clone()?;
-        Some(tokio::spawn(async move {
-            let names = resolver.reverse_lookup(ip).await.ok()?;
-            let name = names.iter().next()?.to_utf8();
-            // Only a well-formed host name may reach the Received header.
-            address::domain_name(name.trim_end_matches('.')).ok()
-        }))
-    }
+/// Where a listener is bound, as logged and printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bound {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
 }
 
-/// Counts connections, globally and per client IP.
-#[derive(Default)]
-struct Limits {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    total: Mutex<usize>,
-}
-
-/// Releases a connection's slots when the connection ends.
-struct Slot {
-    limits: Arc<Limits>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        *self.limits.total.lock().unwrap() -= 1;
-        let mut per_ip = self.limits.per_ip.lock().unwrap();
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Tcp(a) => write!(f, "{a}"),
+            Bound::Unix(p) => write!(f, "unix:{}", p.display()),
         }
-    }
-}
-
-impl Limits {
-    /// Takes a slot for `ip`, or says which limit refused it.
-    fn acquire(self: &Arc<Self>, ip: IpAddr, config: &Config) -> Result<Slot, Reply> {
-        let mut total = self.total.lock().unwrap();
-        if *total >= config.smtp.max_connections {
-            return Err(Reply::too_many_connections());
-        }
-        let mut per_ip = self.per_ip.lock().unwrap();
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= config.smtp.max_connections_per_ip {
-            return Err(Reply::too_many_from_ip());
-        }
-        *n += 1;
-        *total += 1;
-        Ok(Slot {
-            limits: self.clone(),
-            ip,
-        })
     }
 }
 
 /// One listening socket and the sessions it spawns.
 pub struct Server {
-    ctx: Arc<Context>,
-    listener: TcpListener,
-    limits: Arc<Limits>,
+    pipeline: Arc<Pipeline>,
+    socket: Socket,
+    protocol: Protocol,
 }
 
 impl Server {
-    pub fn new(ctx: Arc<Context>, listener: TcpListener) -> Server {
+    /// An SMTP listener.
+    pub fn new(pipeline: Arc<Pipeline>, listener: TcpListener) -> Server {
+        Server::with_protocol(pipeline, Socket::Tcp(listener), Protocol::Smtp)
+    }
+
+    pub fn with_protocol(pipeline: Arc<Pipeline>, socket: Socket, protocol: Protocol) -> Server {
         Server {
-            ctx,
-            listener,
-            limits: Arc::default(),
+            pipeline,
+            socket,
+            protocol,
         }
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+    pub fn bound(&self) -> std::io::Result<Bound> {
+        Ok(match &self.socket {
+            Socket::Tcp(l) => Bound::Tcp(l.local_addr()?),
+            Socket::Unix(_, path) => Bound::Unix(path.clone()),
+        })
     }
 
     /// Accepts until `shutdown`; sessions are spawned on `tracker` so the
@@ -183,46 +75,98 @@ impl Server {
         let mut backoff = Duration::from_millis(10);
         loop {
             let accepted = tokio::select! {
-                a = self.listener.accept() => a,
-                _ = shutdown.cancelled() => return,
+                a = self.accept() => a,
+                _ = shutdown.cancelled() => break,
             };
-            let (stream, peer) = match accepted {
-                Ok(a) => {
+            match accepted {
+                Ok((stream, ip)) => {
                     backoff = Duration::from_millis(10);
-                    a
+                    self.spawn(stream, ip, &shutdown, &tracker);
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
                 }
-            };
-            let _ = stream.set_nodelay(true);
-            let ip = peer.ip().to_canonical();
-            match self.limits.acquire(ip, &self.ctx.config) {
-                Ok(slot) => {
-                    let ctx = self.ctx.clone();
-                    let shutdown = shutdown.clone();
-                    tracker.spawn(async move {
-                        if let Err(e) = serve_connection(ctx, stream, ip, shutdown).await {
-                            tracing::debug!(%ip, error = %e, "connection ended with an error");
+            }
+        }
+        if let Socket::Unix(_, path) = &self.socket {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+    }
+
+    /// The next connection and its client's address (None on a unix socket).
+    async fn accept(&self) -> std::io::Result<(Stream, Option<IpAddr>)> {
+        Ok(match &self.socket {
+            Socket::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                (Stream::Tcp(stream), Some(peer.ip().to_canonical()))
+            }
+            Socket::Unix(l, _) => (Stream::Unix(l.accept().await?.0), None),
+        })
+    }
+
+    /// Runs the connection's session under a slot of the global limits, or
+    /// tells the client which limit refused it.
+    fn spawn(
+        &self,
+        stream: Stream,
+        ip: Option<IpAddr>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        let rt = &self.pipeline.runtime;
+        let limits = &rt.config.smtp;
+        match rt
+            .connections
+            .acquire(ip, limits.max_connections, limits.max_connections_per_ip)
+        {
+            Ok(slot) => {
+                let pipeline = self.pipeline.clone();
+                let shutdown = shutdown.clone();
+                let protocol = self.protocol;
+                tracker.spawn(async move {
+                    let result = match stream {
+                        Stream::Tcp(s) => {
+                            serve_connection(pipeline, s, ip, shutdown, protocol).await
                         }
-                        drop(slot);
-                    });
-                }
-                Err(reply) => {
-                    tracing::info!(%ip, reply = %reply.to_wire().trim_end(), "connection refused");
-                    tracker.spawn(refuse(stream, reply));
-                }
+                        Stream::Unix(s) => {
+                            serve_connection(pipeline, s, ip, shutdown, protocol).await
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(?ip, error = %e, "connection ended with an error");
+                    }
+                    drop(slot);
+                });
+            }
+            Err(refused) => {
+                let reply = match refused {
+                    Refused::Total => Reply::too_many_connections(),
+                    Refused::PerIp => Reply::too_many_from_ip(),
+                };
+                tracing::info!(?ip, reply = %reply.to_wire().trim_end(), "connection refused");
+                tracker.spawn(async move {
+                    match stream {
+                        Stream::Tcp(s) => refuse(s, reply).await,
+                        Stream::Unix(s) => refuse(s, reply).await,
+                    }
+                });
             }
         }
     }
 }
 
+/// An accepted connection.
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
 /// Tells an over-limit client why, without holding a slot.
-async fn refuse(mut stream: TcpStream, reply: Reply) {
+async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, reply: Reply) {
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
         stream.write_all(reply.to_wire().as_bytes()),
@@ -232,28 +176,42 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
 }
 
 /// Runs one connection: a plaintext session, and a TLS one if it asks.
-pub async fn serve_connection(
-    ctx: Arc<Context>,
-    stream: TcpStream,
-    ip: IpAddr,
+/// `ip` is None for a unix socket's local client.
+pub async fn serve_connection<S>(
+    pipeline: Arc<Pipeline>,
+    stream: S,
+    ip: Option<IpAddr>,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let mut conn = Connection::new(ip);
-    conn.rdns = ctx.start_rdns(ip);
-    let session = Session::new(stream, ctx.clone(), conn, shutdown.clone());
+    protocol: Protocol,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let rt = pipeline.runtime.clone();
+    let mut conn = match ip {
+        Some(ip) => {
+            let mut c = Connection::new(ip);
+            c.rdns = rt.start_rdns(ip);
+            c
+        }
+        None => Connection::local(),
+    };
+    conn.checks = Some(pipeline.open());
+    let session =
+        Session::with_protocol(stream, pipeline.clone(), conn, shutdown.clone(), protocol);
     let (outcome, mut conn) = session.run(true).await?;
     let Outcome::StartTls(stream) = outcome else {
         return Ok(());
     };
-    let Some(acceptor) = ctx.tls_acceptor() else {
+    let Some(acceptor) = rt.tls_acceptor() else {
         return Ok(());
     };
     let handshake =
-        tokio::time::timeout(ctx.config.smtp.command_timeout.0, acceptor.accept(stream)).await;
+        tokio::time::timeout(rt.config.smtp.command_timeout.0, acceptor.accept(stream)).await;
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::info!(%ip, error = %e, "TLS handshake failed");
+            tracing::info!(?ip, error = %e, "TLS handshake failed");
             return Ok(());
         }
         Err(_) => return Ok(()),
@@ -267,7 +225,9 @@ pub async fn serve_connection(
             .and_then(|s| s.suite().as_str())
             .unwrap_or("unknown"),
     ));
-    Session::new(tls, ctx, conn, shutdown).run(false).await?;
+    Session::with_protocol(tls, pipeline, conn, shutdown, protocol)
+        .run(false)
+        .await?;
     Ok(())
 }
 

@@ -1,6 +1,9 @@
-//! One SMTP session over any stream. Only the loop in [`Session::run`]
-//! writes replies, counts errors and decides to close; the verb handlers
-//! return a [`Reply`] (see ehlo.rs, mail.rs, rcpt.rs, data.rs).
+//! One SMTP or LMTP session over any stream. Only the loop in
+//! [`Session::run`] writes replies, counts errors and decides to close; the
+//! verb handlers return [`Reply`]s (see ehlo.rs, mail.rs, rcpt.rs,
+//! data.rs). What is decided about a message (recipients, checks, storage,
+//! delivery) is the [`Pipeline`]'s: a test can hand a session a pipeline of
+//! its own and drive it over an in-memory stream.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -11,9 +14,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::command::{self, Command};
-use super::reply::Reply;
-use super::server::Context;
+use crate::config::Config;
 use crate::envelope::Recipient;
+use crate::pipeline::{Checks, Decision, Facts, Pipeline, Stage};
+use crate::reply::Reply;
+
+/// Which protocol a session speaks. They differ in the greeting verb and
+/// in the answer to the end of data: SMTP gives one for the transaction,
+/// LMTP one per recipient (RFC 2033 §4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Smtp,
+    Lmtp,
+}
 
 /// How a session ended.
 #[derive(Debug)]
@@ -28,6 +41,7 @@ pub enum Outcome<S> {
 /// Facts about the connection that outlive a STARTTLS upgrade.
 #[derive(Debug)]
 pub struct Connection {
+    /// The client's address; 127.0.0.1 for a unix socket.
     pub ip: IpAddr,
     /// TLS version and cipher once TLS is active.
     pub tls: Option<String>,
@@ -35,6 +49,14 @@ pub struct Connection {
     pub rdns: Option<tokio::task::JoinHandle<Option<String>>>,
     /// Its result, once awaited.
     pub rdns_name: Option<Option<String>>,
+    /// The pipeline's check states for this connection; opened by the
+    /// first session when the caller did not.
+    pub checks: Option<Checks>,
+    /// A check at connect or helo said to discard: every message of this
+    /// connection is accepted and delivered nowhere.
+    pub discard: bool,
+    /// Fields checks at connect or helo added, for every message.
+    pub headers: String,
 }
 
 impl Connection {
@@ -44,7 +66,17 @@ impl Connection {
             tls: None,
             rdns: None,
             rdns_name: None,
+            checks: None,
+            discard: false,
+            headers: String::new(),
         }
+    }
+
+    /// A local client on a unix socket: no reverse lookup to wait for.
+    pub fn local() -> Connection {
+        let mut c = Connection::new(IpAddr::from([127, 0, 0, 1]));
+        c.rdns_name = Some(Some("localhost".into()));
+        c
     }
 
     /// The reverse DNS name, waiting at most a few seconds for the lookup.
@@ -68,13 +100,22 @@ impl Connection {
 #[derive(Debug)]
 pub(super) struct Transaction {
     pub started: Instant,
+    /// Named at MAIL, so checks and logs can refer to it; it reaches the
+    /// client only when the message is accepted.
+    pub id: String,
     pub sender: String,
     pub smtputf8: bool,
+    /// Distinct recipients, in the order they were accepted.
     pub recipients: Vec<Recipient>,
+    /// For each RCPT answered 250, its recipient's index: LMTP answers
+    /// each of them after the data, duplicates included (RFC 2033 §4.2).
+    pub accepted: Vec<usize>,
     /// Every RCPT and its reply code, for the transaction's log line.
     pub rcpt_log: Vec<(String, u16)>,
-    /// Some recipient goes to the sink: the content must stay in memory.
-    pub has_sink: bool,
+    /// A check said to discard this message.
+    pub discard: bool,
+    /// Fields checks added so far, each ending in CRLF.
+    pub headers: String,
     /// BDAT in progress.
     pub bdat: Option<super::data::Bdat>,
 }
@@ -94,8 +135,9 @@ pub struct Session<S> {
     pub(super) rbuf: BytesMut,
     /// Replies not yet flushed; pipelined replies go out together.
     pub(super) wbuf: Vec<u8>,
-    pub(super) ctx: Arc<Context>,
+    pub(super) pipeline: Arc<Pipeline>,
     pub(super) conn: Connection,
+    pub(super) protocol: Protocol,
     pub(super) shutdown: CancellationToken,
     /// The EHLO/HELO argument, once given.
     pub(super) helo: Option<String>,
@@ -115,18 +157,33 @@ pub(super) enum Next {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// An SMTP session.
     pub fn new(
         stream: S,
-        ctx: Arc<Context>,
+        pipeline: Arc<Pipeline>,
         conn: Connection,
         shutdown: CancellationToken,
     ) -> Session<S> {
+        Session::with_protocol(stream, pipeline, conn, shutdown, Protocol::Smtp)
+    }
+
+    pub fn with_protocol(
+        stream: S,
+        pipeline: Arc<Pipeline>,
+        mut conn: Connection,
+        shutdown: CancellationToken,
+        protocol: Protocol,
+    ) -> Session<S> {
+        if conn.checks.is_none() {
+            conn.checks = Some(pipeline.open());
+        }
         Session {
             stream,
             rbuf: BytesMut::with_capacity(1024),
             wbuf: Vec::with_capacity(256),
-            ctx,
+            pipeline,
             conn,
+            protocol,
             shutdown,
             helo: None,
             esmtp: false,
@@ -140,14 +197,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// client speaks first (RFC 3207 §4.2).
     pub async fn run(mut self, greet: bool) -> std::io::Result<(Outcome<S>, Connection)> {
         if greet {
-            if self.talked_first().await? {
+            // LMTP clients are local MTAs that wait for the greeting;
+            // pregreeting is a spambot's habit.
+            if self.protocol == Protocol::Smtp && self.talked_first().await? {
                 self.send_now(&Reply::pregreet()).await?;
                 return Ok((Outcome::Closed, self.conn));
             }
-            self.send_now(&Reply::greeting(&self.ctx.hostname)).await?;
+            let decision = self.stage(Stage::Connect, None, None).await;
+            if let Err(reply) = decision.apply(&mut self.conn.discard, &mut self.conn.headers) {
+                self.send_now(&reply).await?;
+                let _ = self.stream.shutdown().await;
+                return Ok((Outcome::Closed, self.conn));
+            }
+            let greeting = match self.protocol {
+                Protocol::Smtp => Reply::greeting(&self.runtime().hostname),
+                Protocol::Lmtp => Reply::greeting_lmtp(&self.runtime().hostname),
+            };
+            self.send_now(&greeting).await?;
         }
         loop {
-            let timeout = self.ctx.config.smtp.command_timeout.0;
+            let timeout = self.config().smtp.command_timeout.0;
             let line = match self.read_line(timeout).await? {
                 Read::Line(line) => line,
                 Read::TooLong => {
@@ -166,11 +235,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     break;
                 }
             };
-            let (reply, next) = match command::parse(&line) {
+            let (replies, next) = match command::parse(&line) {
                 Ok(cmd) => self.dispatch(cmd).await?,
-                Err(reply) => (reply, Next::Continue),
+                Err(reply) => (vec![reply], Next::Continue),
             };
-            let too_many = self.reply(reply);
+            let mut too_many = false;
+            for reply in replies {
+                too_many |= self.reply(reply);
+            }
             match next {
                 _ if too_many => break,
                 Next::Continue => {}
@@ -194,18 +266,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok((Outcome::Closed, self.conn))
     }
 
-    async fn dispatch(&mut self, cmd: Command) -> std::io::Result<(Reply, Next)> {
+    /// Runs one command; its replies, in order (several only for LMTP's
+    /// end of data).
+    async fn dispatch(&mut self, cmd: Command) -> std::io::Result<(Vec<Reply>, Next)> {
+        let lmtp = self.protocol == Protocol::Lmtp;
         let reply = match cmd {
-            Command::Ehlo(host) => self.ehlo(host, true),
-            Command::Helo(host) => self.ehlo(host, false),
-            Command::StartTls => return Ok(self.starttls()),
-            Command::Mail(from) => self.mail(from),
+            Command::Ehlo(host) if !lmtp => self.ehlo(host, true).await,
+            Command::Helo(host) if !lmtp => self.ehlo(host, false).await,
+            Command::Lhlo(host) if lmtp => self.ehlo(host, true).await,
+            Command::Ehlo(_) | Command::Helo(_) => Reply::wrong_greeting_verb("LHLO"),
+            Command::Lhlo(_) => Reply::not_implemented(),
+            Command::StartTls => {
+                let (reply, next) = self.starttls();
+                return Ok((vec![reply], next));
+            }
+            Command::Mail(from) => self.mail(from).await,
             Command::Rcpt(to) => self.rcpt(to).await,
             Command::Data => return self.data().await,
             Command::Bdat { size, last } => return self.bdat(size, last).await,
             Command::Rset => {
                 self.log_abandoned("RSET");
-                self.tx = None;
                 Reply::ok()
             }
             Command::Noop => Reply::ok(),
@@ -213,9 +293,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Vrfy => Reply::vrfy(),
             Command::Expn => Reply::expn_refused(),
             Command::NotImplemented => Reply::not_implemented(),
-            Command::Quit => return Ok((Reply::closing(&self.ctx.hostname), Next::Close)),
+            Command::Quit => {
+                let reply = Reply::closing(&self.runtime().hostname);
+                return Ok((vec![reply], Next::Close));
+            }
         };
-        Ok((reply, Next::Continue))
+        Ok((vec![reply], Next::Continue))
+    }
+
+    pub(super) fn runtime(&self) -> &crate::runtime::Runtime {
+        &self.pipeline.runtime
+    }
+
+    pub(super) fn config(&self) -> &Config {
+        &self.pipeline.runtime.config
+    }
+
+    /// Consults the pipeline's checks at `stage`, with what is known now.
+    pub(super) async fn stage(
+        &mut self,
+        stage: Stage,
+        rcpt: Option<&Recipient>,
+        content: Option<&crate::spool::Spool>,
+    ) -> Decision {
+        let Session { conn, helo, tx, .. } = self;
+        let Some(checks) = conn.checks.as_mut() else {
+            return Decision::Pass(Vec::new());
+        };
+        let facts = Facts {
+            ip: conn.ip,
+            helo: helo.as_deref(),
+            tls: conn.tls.as_deref(),
+            id: tx.as_ref().map(|t| t.id.as_str()),
+            sender: tx.as_ref().map(|t| t.sender.as_str()),
+            recipients: tx.as_ref().map_or(&[], |t| t.recipients.as_slice()),
+            rcpt,
+            content,
+        };
+        checks.run(stage, facts).await
+    }
+
+    /// Ends the transaction, if any, and lets every check forget it.
+    pub(super) fn end_transaction(&mut self) -> Option<Transaction> {
+        if let Some(checks) = self.conn.checks.as_mut() {
+            checks.reset();
+        }
+        self.tx.take()
     }
 
     /// Queues a reply and counts it if it is an error. Returns true when the
@@ -224,7 +347,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         reply.write_to(&mut self.wbuf);
         if reply.is_error() {
             self.errors += 1;
-            if self.errors >= self.ctx.config.smtp.max_errors {
+            if self.errors >= self.config().smtp.max_errors {
                 Reply::too_many_errors().write_to(&mut self.wbuf);
                 return true;
             }
@@ -249,7 +372,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Whether the client sent anything before our greeting (within the
     /// configured delay, or already waiting at connect).
     async fn talked_first(&mut self) -> std::io::Result<bool> {
-        let delay = self.ctx.config.smtp.greeting_delay.0;
+        let delay = self.config().smtp.greeting_delay.0;
         let mut byte = [0u8; 1];
         let read = self.stream.read(&mut byte);
         if delay.is_zero() {
@@ -292,7 +415,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Reads one command line, bounded by `smtp.max_line_length`. An
     /// over-long line is discarded up to its end and reported once.
     async fn read_line(&mut self, timeout: Duration) -> std::io::Result<Read> {
-        let max = self.ctx.config.smtp.max_line_length;
+        let max = self.config().smtp.max_line_length;
         loop {
             if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
                 let line = self.rbuf.split_to(pos + 1);
@@ -331,7 +454,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Logs a transaction that ended without data being accepted.
     fn log_abandoned(&mut self, why: &str) {
-        if let Some(tx) = self.tx.take() {
+        if let Some(tx) = self.end_transaction() {
             tracing::info!(
                 ip = %self.conn.ip,
                 helo = self.helo.as_deref().unwrap_or(""),

@@ -88,7 +88,7 @@ fn check_reply(wire: &str, input_len: usize) {
 
 fn strings(cmd: &Command) -> Vec<&str> {
     match cmd {
-        Command::Ehlo(h) | Command::Helo(h) | Command::Rcpt(h) => vec![h],
+        Command::Ehlo(h) | Command::Helo(h) | Command::Lhlo(h) | Command::Rcpt(h) => vec![h],
         Command::Mail(m) => vec![&m.address],
         _ => vec![],
     }
@@ -100,6 +100,7 @@ fn render(cmd: &Command) -> Option<String> {
     Some(match cmd {
         Command::Ehlo(h) => format!("EHLO {h}\r\n"),
         Command::Helo(h) => format!("HELO {h}\r\n"),
+        Command::Lhlo(h) => format!("LHLO {h}\r\n"),
         Command::Mail(MailFrom {
             address,
             size,

@@ -1,25 +1,34 @@
-//! Every reply the server sends, written in one place. Enhanced status
-//! codes (RFC 3463, RFC 2034) are on every reply except the greeting and
-//! the answer to EHLO/HELO, where RFC 2034 §3 leaves them out.
+//! Every reply the server sends over SMTP and LMTP, written in one place.
+//! Enhanced status codes (RFC 3463, RFC 2034) are on every reply except the
+//! greeting and the answer to EHLO/HELO/LHLO, where RFC 2034 §3 leaves them
+//! out. Pipeline outcomes (refusals, delivery failures) become replies
+//! here too, so the session never spells a reply of its own.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+
+use crate::pipeline::{Failure, Refusal};
 
 /// One SMTP reply: a code, an optional enhanced status, and one or more
 /// lines of text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub code: u16,
-    /// `x.y.z`, or empty where RFC 2034 omits it.
-    pub status: &'static str,
+    /// `x.y.z`, or empty where RFC 2034 omits it. Owned when a check
+    /// (a milter, a policy server) chose it.
+    pub status: Cow<'static, str>,
     pub lines: Vec<Cow<'static, str>>,
 }
 
 impl Reply {
-    pub fn new(code: u16, status: &'static str, text: impl Into<Cow<'static, str>>) -> Reply {
+    pub fn new(
+        code: u16,
+        status: impl Into<Cow<'static, str>>,
+        text: impl Into<Cow<'static, str>>,
+    ) -> Reply {
         Reply {
             code,
-            status,
+            status: status.into(),
             lines: vec![text.into()],
         }
     }
@@ -55,6 +64,10 @@ impl Reply {
 
     pub fn greeting(host: &str) -> Reply {
         Reply::new(220, "", format!("{host} ESMTP letterbox"))
+    }
+    /// The LMTP greeting (RFC 2033 §4): the same shape, naming the protocol.
+    pub fn greeting_lmtp(host: &str) -> Reply {
+        Reply::new(220, "", format!("{host} LMTP letterbox"))
     }
     pub fn closing(host: &str) -> Reply {
         Reply::new(221, "2.0.0", format!("{host} closing connection"))
@@ -109,6 +122,11 @@ impl Reply {
             .take(32)
             .collect();
         Reply::new(555, "5.5.4", format!("Unsupported parameter {p}"))
+    }
+    /// EHLO or HELO on an LMTP connection, or LHLO on an SMTP one: the
+    /// greeting verbs are not interchangeable (RFC 2033 §4.1).
+    pub fn wrong_greeting_verb(want: &'static str) -> Reply {
+        Reply::new(500, "5.5.1", format!("Command unrecognized; use {want}"))
     }
     pub fn help() -> Reply {
         Reply::new(
@@ -208,11 +226,50 @@ impl Reply {
             "Bare LF line endings are not allowed; use CRLF",
         )
     }
+    /// A check (hook, milter, policy server) refused without a reply of
+    /// its own.
+    pub fn check_rejected() -> Reply {
+        Reply::new(550, "5.7.1", "Rejected by policy")
+    }
+    pub fn check_tempfail() -> Reply {
+        Reply::new(
+            451,
+            "4.7.1",
+            "Temporarily rejected by policy, try again later",
+        )
+    }
     pub fn delivered(id: &str) -> Reply {
         Reply::new(250, "2.0.0", format!("Ok: delivered as {id}"))
     }
     pub fn local_error() -> Reply {
         Reply::new(451, "4.3.0", "Local error in processing, try again later")
+    }
+}
+
+impl From<&Failure> for Reply {
+    /// Why a recipient's copy was not delivered, as its reply.
+    fn from(f: &Failure) -> Reply {
+        match f {
+            Failure::QuotaExceeded => Reply::mailbox_full(),
+            Failure::SinkFull => Reply::sink_full(),
+            Failure::Local => Reply::local_error(),
+        }
+    }
+}
+
+impl From<&Refusal> for Reply {
+    /// Why the pipeline refused a recipient, as the reply to its RCPT.
+    fn from(r: &Refusal) -> Reply {
+        match r {
+            Refusal::Syntax => Reply::bad_recipient(),
+            Refusal::NotServed => Reply::relay_denied(),
+            Refusal::UnknownUser => Reply::unknown_user(),
+            Refusal::MailboxFull => Reply::mailbox_full(),
+            Refusal::SinkFull => Reply::sink_full(),
+            Refusal::DirectoryUnavailable => Reply::directory_unavailable(),
+            Refusal::Local => Reply::local_error(),
+            Refusal::Check(reply) => reply.clone(),
+        }
     }
 }
 
@@ -232,7 +289,7 @@ mod tests {
         );
         let multi = Reply {
             code: 250,
-            status: "",
+            status: "".into(),
             lines: vec!["a".into(), "b".into(), "c".into()],
         };
         assert_eq!(multi.to_wire(), "250-a\r\n250-b\r\n250 c\r\n");

@@ -1,0 +1,324 @@
+//! The transaction pipeline: the one seam between a protocol session (SMTP,
+//! LMTP) and everything that decides about or stores a message.
+//!
+//! A session consults the pipeline at each stage, in order:
+//! connect → helo → mail → rcpt (per recipient) → data (end of message) →
+//! deliver. At each stage the pipeline runs its own fixed step (at rcpt,
+//! the directory: [`rcpt`]; at data, the content's storage plan:
+//! [`content`]; at deliver, the targets: [`deliver`]) and then every
+//! configured [`Check`], side by side. Their [`Verdict`]s are merged in
+//! configuration order: the first refusal wins, headers accumulate
+//! (maddy's check runner; see STYLE.md). The session never knows which
+//! checks exist, and a test can hand a session a pipeline of its own.
+//!
+//! Outcomes are typed ([`Decision`], [`Refusal`], [`Failure`]); the session
+//! turns them into replies through `crate::reply`, the one place replies
+//! are spelled.
+
+pub mod content;
+pub mod deliver;
+pub mod rcpt;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures_util::future::{BoxFuture, join_all};
+
+pub use deliver::{Failure, Mode};
+pub use rcpt::Refusal;
+
+use crate::envelope::Recipient;
+use crate::reply::Reply;
+use crate::runtime::Runtime;
+use crate::spool::Spool;
+
+/// The stages a check is consulted at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// A client connected; nothing has been said yet.
+    Connect,
+    /// EHLO, HELO or LHLO was accepted.
+    Helo,
+    /// MAIL FROM is about to be accepted.
+    Mail,
+    /// A recipient resolved in the directory is about to be accepted.
+    Rcpt,
+    /// The content is complete and about to be accepted for delivery.
+    Data,
+}
+
+/// What a check may look at; it grows as the transaction proceeds.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub ip: IpAddr,
+    /// The EHLO/HELO/LHLO argument, from the helo stage on.
+    pub helo: Option<&'a str>,
+    /// TLS version and cipher, once TLS is active.
+    pub tls: Option<&'a str>,
+    /// The transaction's id, from the mail stage on.
+    pub id: Option<&'a str>,
+    /// The reverse-path (empty for `<>`), from the mail stage on.
+    pub sender: Option<&'a str>,
+    /// Recipients accepted so far.
+    pub recipients: &'a [Recipient],
+    /// The recipient being decided, at the rcpt stage.
+    pub rcpt: Option<&'a Recipient>,
+    /// The content (CRLF, unstuffed), at the data stage.
+    pub content: Option<&'a Spool>,
+}
+
+/// A header field a check adds to every copy, below our Received field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    name: String,
+    value: String,
+}
+
+impl Header {
+    /// A field, or None when the name is not an RFC 5322 field name or
+    /// the value holds a CR, LF or NUL (a check must not inject fields).
+    pub fn new(name: &str, value: &str) -> Option<Header> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 76
+            && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        let value_ok = !value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
+        (name_ok && value_ok).then(|| Header {
+            name: name.to_string(),
+            value: value.trim().to_string(),
+        })
+    }
+
+    /// `Name: value` and CRLF.
+    pub fn render(&self) -> String {
+        format!("{}: {}\r\n", self.name, self.value)
+    }
+}
+
+/// What one check says at one stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No objection; later checks decide.
+    Continue,
+    /// Accept at this stage without asking the checks after this one.
+    Accept,
+    /// Refuse permanently with this reply (5xx).
+    Reject(Reply),
+    /// Refuse for now with this reply (4xx).
+    TempFail(Reply),
+    /// Accept, then deliver the message nowhere.
+    Discard,
+    /// No objection, and add these fields to every copy.
+    AddHeaders(Vec<Header>),
+}
+
+impl Verdict {
+    /// A permanent refusal with the check's own reply, or the default one
+    /// when its code is not 5xx.
+    pub fn reject(reply: Option<Reply>) -> Verdict {
+        Verdict::Reject(
+            reply
+                .filter(|r| r.code / 100 == 5)
+                .unwrap_or_else(Reply::check_rejected),
+        )
+    }
+
+    /// A temporary refusal with the check's own reply, or the default one
+    /// when its code is not 4xx.
+    pub fn tempfail(reply: Option<Reply>) -> Verdict {
+        Verdict::TempFail(
+            reply
+                .filter(|r| r.code / 100 == 4)
+                .unwrap_or_else(Reply::check_tempfail),
+        )
+    }
+}
+
+/// The merged verdicts of one stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Go on; add these fields (possibly none) to every copy.
+    Pass(Vec<Header>),
+    /// Refuse with this reply (4xx or 5xx).
+    Refuse(Reply),
+    /// Accept, deliver nowhere.
+    Discard,
+}
+
+impl Decision {
+    /// Folds a passing or discarding decision into what the connection or
+    /// transaction carries; a refusal comes back as its reply.
+    pub fn apply(self, discard: &mut bool, headers: &mut String) -> Result<(), Reply> {
+        match self {
+            Decision::Pass(fields) => {
+                headers.extend(fields.iter().map(Header::render));
+                Ok(())
+            }
+            Decision::Discard => {
+                *discard = true;
+                Ok(())
+            }
+            Decision::Refuse(reply) => Err(reply),
+        }
+    }
+}
+
+/// A kind of check, configured once; it makes a state per connection.
+pub trait Check: Send + Sync + 'static {
+    /// For logs: which check decided.
+    fn name(&self) -> &str;
+    /// Per-connection state (a milter keeps one connection per client).
+    fn open(&self) -> Box<dyn CheckState>;
+}
+
+/// One check's state for one connection.
+pub trait CheckState: Send {
+    /// Decides at `stage`. A check that needs the network starts its work
+    /// early (at connect, say) and awaits it at the stage that needs the
+    /// answer, so it runs beside the session instead of in front of it.
+    fn check<'a>(&'a mut self, stage: Stage, facts: Facts<'a>) -> BoxFuture<'a, Verdict>;
+    /// The transaction ended (delivered, refused, RSET, or the connection
+    /// closed) and the next one starts clean.
+    fn reset(&mut self) {}
+}
+
+/// The seam a session talks to: the runtime's shared parts and the
+/// configured checks.
+pub struct Pipeline {
+    pub runtime: Arc<Runtime>,
+    checks: Vec<Arc<dyn Check>>,
+}
+
+impl Pipeline {
+    pub fn new(runtime: Arc<Runtime>, checks: Vec<Arc<dyn Check>>) -> Pipeline {
+        Pipeline { runtime, checks }
+    }
+
+    /// The check states of a new connection.
+    pub fn open(&self) -> Checks {
+        Checks {
+            states: self
+                .checks
+                .iter()
+                .map(|c| (c.name().to_string(), c.open()))
+                .collect(),
+        }
+    }
+}
+
+/// The check states of one connection; they outlive a STARTTLS upgrade.
+#[derive(Default)]
+pub struct Checks {
+    states: Vec<(String, Box<dyn CheckState>)>,
+}
+
+impl std::fmt::Debug for Checks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.states.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+impl Checks {
+    /// Runs every check at `stage` side by side and merges their verdicts
+    /// in configuration order.
+    pub async fn run(&mut self, stage: Stage, facts: Facts<'_>) -> Decision {
+        if self.states.is_empty() {
+            return Decision::Pass(Vec::new());
+        }
+        let verdicts = join_all(self.states.iter_mut().map(|(_, s)| s.check(stage, facts))).await;
+        let names = self.states.iter().map(|(n, _)| n.as_str());
+        merge(stage, names.zip(verdicts))
+    }
+
+    /// The transaction is over; every check forgets it.
+    pub fn reset(&mut self) {
+        for (_, s) in &mut self.states {
+            s.reset();
+        }
+    }
+}
+
+/// The first refusal or discard in order wins; an accept ends the stage;
+/// headers from every check before the end accumulate.
+fn merge<'a>(stage: Stage, verdicts: impl Iterator<Item = (&'a str, Verdict)>) -> Decision {
+    let mut headers = Vec::new();
+    for (check, verdict) in verdicts {
+        match verdict {
+            Verdict::Continue => {}
+            Verdict::AddHeaders(h) => headers.extend(h),
+            Verdict::Accept => break,
+            Verdict::Reject(reply) | Verdict::TempFail(reply) => {
+                tracing::info!(check, ?stage, reply = %reply.to_wire().trim_end(), "refused by a check");
+                return Decision::Refuse(reply);
+            }
+            Verdict::Discard => {
+                tracing::info!(check, ?stage, "message discarded by a check");
+                return Decision::Discard;
+            }
+        }
+    }
+    Decision::Pass(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(name: &str) -> Header {
+        Header::new(name, "v").unwrap()
+    }
+
+    #[test]
+    fn first_refusal_in_order_wins_and_headers_accumulate() {
+        let refuse = Verdict::reject(None);
+        let verdicts = vec![
+            ("a", Verdict::AddHeaders(vec![h("X-A")])),
+            ("b", Verdict::Continue),
+            ("c", Verdict::tempfail(None)),
+            ("d", refuse),
+        ];
+        assert_eq!(
+            merge(Stage::Data, verdicts.into_iter()),
+            Decision::Refuse(Reply::check_tempfail())
+        );
+        let verdicts = vec![
+            ("a", Verdict::AddHeaders(vec![h("X-A")])),
+            ("b", Verdict::AddHeaders(vec![h("X-B")])),
+            ("c", Verdict::Accept),
+            ("d", Verdict::reject(None)),
+        ];
+        assert_eq!(
+            merge(Stage::Data, verdicts.into_iter()),
+            Decision::Pass(vec![h("X-A"), h("X-B")])
+        );
+        let verdicts = vec![("a", Verdict::Discard), ("b", Verdict::reject(None))];
+        assert_eq!(merge(Stage::Mail, verdicts.into_iter()), Decision::Discard);
+    }
+
+    #[test]
+    fn a_check_reply_of_the_wrong_class_falls_back_to_the_default() {
+        let ok = Reply::new(250, "2.0.0", "fine");
+        assert_eq!(
+            Verdict::reject(Some(ok.clone())),
+            Verdict::Reject(Reply::check_rejected())
+        );
+        assert_eq!(
+            Verdict::tempfail(Some(ok)),
+            Verdict::TempFail(Reply::check_tempfail())
+        );
+        let own = Reply::new(554, "5.7.1", "spam");
+        assert_eq!(Verdict::reject(Some(own.clone())), Verdict::Reject(own));
+    }
+
+    #[test]
+    fn headers_cannot_inject_fields() {
+        assert!(Header::new("X-Spam", "yes\r\nBcc: x@y").is_none());
+        assert!(Header::new("X Spam", "yes").is_none());
+        assert!(Header::new("X-Spam:", "yes").is_none());
+        assert_eq!(
+            Header::new("X-Spam", " yes ").unwrap().render(),
+            "X-Spam: yes\r\n"
+        );
+    }
+}

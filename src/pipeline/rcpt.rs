@@ -1,0 +1,101 @@
+//! The rcpt stage's fixed step: every recipient is resolved in the
+//! directory before it is accepted, so nothing is accepted that would later
+//! bounce (no backscatter) and nothing foreign is accepted (never a relay).
+//! The storage rules that can already be known here (a full mailbox, a
+//! full sink) are checked here too, not in the protocol code.
+
+use std::sync::Arc;
+
+use super::Pipeline;
+use crate::address::{Address, AddressError};
+use crate::directory::Route;
+use crate::envelope::Recipient;
+use crate::reply::Reply;
+
+/// Why a recipient is refused; `crate::reply` spells the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not an address: the null path `<>`, or bad syntax (501 5.1.3).
+    Syntax,
+    /// A domain we do not serve (550 5.7.1, never a relay).
+    NotServed,
+    /// A served domain without this recipient (550 5.1.1).
+    UnknownUser,
+    /// A mailbox already at its quota (452 4.2.2).
+    MailboxFull,
+    /// The sink has no room now (452 4.3.1).
+    SinkFull,
+    /// The directory did not answer (451 4.3.0, never an accept).
+    DirectoryUnavailable,
+    /// A local failure, such as the quota file unreadable (451 4.3.0).
+    Local,
+    /// A check refused with this reply.
+    Check(Reply),
+}
+
+impl Pipeline {
+    /// Resolves the forward-path of a RCPT command (as parsed, without the
+    /// angle brackets) into a recipient and where its mail goes.
+    pub async fn recipient(&self, to: &str) -> Result<Recipient, Refusal> {
+        let rt = &self.runtime;
+        // RFC 5321 §4.1.1.3: the forward-path is never null; `<>` is only
+        // a reverse-path.
+        if to.is_empty() {
+            return Err(Refusal::Syntax);
+        }
+        // RFC 5321 §4.5.1: <Postmaster> without a domain must be accepted;
+        // it means the postmaster of our own host name.
+        let to = if to.eq_ignore_ascii_case("postmaster") {
+            format!("postmaster@{}", rt.hostname)
+        } else {
+            to.to_string()
+        };
+        let addr = match Address::from_smtp(&to) {
+            Ok(a) => a,
+            // A domain we cannot even parse (an IP literal, say) is not ours.
+            Err(AddressError::BadDomain(_) | AddressError::DomainTooLong(_)) => {
+                return Err(Refusal::NotServed);
+            }
+            Err(_) => return Err(Refusal::Syntax),
+        };
+        // A quoted local part holding `@` is an old relay trick; no mailbox
+        // here has one.
+        if addr.local.contains('@') {
+            return Err(Refusal::UnknownUser);
+        }
+        let route = rt
+            .directory
+            .resolve(&addr, rt.delimiter, &rt.static_rules)
+            .await
+            .map_err(|e| {
+                tracing::error!(rcpt = %addr, error = %e, "directory lookup failed");
+                Refusal::DirectoryUnavailable
+            })?;
+        let address = addr.to_string();
+        match &*route {
+            Route::NotServed => return Err(Refusal::NotServed),
+            Route::UnknownUser => return Err(Refusal::UnknownUser),
+            Route::Mailboxes(boxes) => {
+                for m in boxes {
+                    match rt.maildirs.is_over_quota(m).await {
+                        Ok(false) => {}
+                        Ok(true) => return Err(Refusal::MailboxFull),
+                        Err(e) => {
+                            tracing::error!(mailbox = %m.address, error = %e, "quota check failed");
+                            return Err(Refusal::Local);
+                        }
+                    }
+                }
+            }
+            Route::Sink { .. } => {
+                if !rt.sink.has_room(&address) {
+                    return Err(Refusal::SinkFull);
+                }
+            }
+        }
+        Ok(Recipient {
+            address,
+            route: Arc::clone(&route),
+        })
+    }
+}

@@ -1,0 +1,118 @@
+//! The shared parts of a running server, outside any protocol: the
+//! directory, the maildirs, the sink, TLS, DNS and the connection limits.
+//! Built once from the [`Config`] (ripgrep's "hiargs": resolved objects,
+//! not values); every listener and every pipeline stage reads them here.
+
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio_rustls::TlsAcceptor;
+
+use crate::address;
+use crate::config::Config;
+use crate::delivery::Maildirs;
+use crate::directory::Directory;
+use crate::limits::Connections;
+use crate::sink::Sink;
+use crate::tls::TlsError;
+
+/// Everything shared by the sessions of every listener.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    /// Our name in greetings and trace headers.
+    pub hostname: String,
+    pub directory: Directory,
+    pub maildirs: Maildirs,
+    pub sink: Sink,
+    /// The subaddress delimiter, if subaddressing is on.
+    pub delimiter: Option<char>,
+    /// Sink rules from the config file, normalized.
+    pub static_rules: Arc<Vec<(String, Duration)>>,
+    /// One count of open connections across all listeners.
+    pub connections: Arc<Connections>,
+    /// Replaced on SIGHUP; sessions take a clone when they upgrade.
+    tls: RwLock<Option<TlsAcceptor>>,
+    resolver: Option<hickory_resolver::TokioResolver>,
+}
+
+impl Runtime {
+    pub async fn new(
+        config: Arc<Config>,
+        directory: Directory,
+        maildirs: Maildirs,
+        sink: Sink,
+    ) -> anyhow::Result<Runtime> {
+        let static_rules = config
+            .sink
+            .rules
+            .iter()
+            .map(|r| {
+                let pattern = address::sink_pattern(&r.pattern)
+                    .map_err(|e| anyhow::anyhow!("sink.rules: {e}"))?;
+                Ok((pattern, r.ttl.unwrap_or(config.sink.default_ttl).0))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let resolver = if config.smtp.reverse_dns {
+            match hickory_resolver::TokioResolver::builder_tokio() {
+                Ok(b) => Some(b.build()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no system DNS configuration; reverse DNS is off");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let rt = Runtime {
+            hostname: config.hostname.clone(),
+            delimiter: config.subaddress_delimiter(),
+            static_rules: Arc::new(static_rules),
+            connections: Arc::default(),
+            tls: RwLock::new(None),
+            resolver,
+            config,
+            directory,
+            maildirs,
+            sink,
+        };
+        rt.reload_tls().await?;
+        Ok(rt)
+    }
+
+    /// (Re)loads the certificate and key named in the config, reading the
+    /// files off the runtime. On error the previous ones stay in use.
+    pub async fn reload_tls(&self) -> Result<bool, TlsError> {
+        let (Some(cert), Some(key)) = (self.config.tls.cert.clone(), self.config.tls.key.clone())
+        else {
+            return Ok(false);
+        };
+        let loaded = crate::blocking::run("reading the TLS certificate", move || {
+            crate::tls::server_config(&cert, &key)
+        })
+        .await
+        .map_err(|e| TlsError::Load(e.to_string()))??;
+        *self.tls.write().unwrap() = Some(TlsAcceptor::from(loaded));
+        Ok(true)
+    }
+
+    pub fn tls_available(&self) -> bool {
+        self.tls.read().unwrap().is_some()
+    }
+
+    pub fn tls_acceptor(&self) -> Option<TlsAcceptor> {
+        self.tls.read().unwrap().clone()
+    }
+
+    /// Starts the client's reverse DNS lookup in the background; it is
+    /// awaited only when a trace header needs the name.
+    pub fn start_rdns(&self, ip: IpAddr) -> Option<tokio::task::JoinHandle<Option<String>>> {
+        let resolver = self.resolver.clone()?;
+        Some(tokio::spawn(async move {
+            let names = resolver.reverse_lookup(ip).await.ok()?;
+            let name = names.iter().next()?.to_utf8();
+            // Only a well-formed host name may reach the Received header.
+            address::domain_name(name.trim_end_matches('.')).ok()
+        }))
+    }
+}
