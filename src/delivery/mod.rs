@@ -310,6 +310,14 @@ impl Inner {
         Target::new(&self.root, &m.address.domain, &m.address.local, folder)
     }
 
+    /// What a sync task that panicked reports: the delivery fails (451).
+    fn panicked(&self) -> PathError {
+        (
+            self.root.clone(),
+            io::Error::other("a delivery sync task panicked"),
+        )
+    }
+
     /// The blocking body of [`Maildirs::deliver`].
     fn deliver(
         self: &Arc<Self>,
@@ -362,7 +370,8 @@ impl Inner {
         }
         // Every copy is durable in tmp/ before any is linked into new/.
         for r in self.parallel.run(syncs) {
-            r.map_err(DeliveryError::io)?;
+            r.unwrap_or_else(|_| Err(self.panicked()))
+                .map_err(DeliveryError::io)?;
         }
 
         for (i, (tmp, new_dir, name)) in staging.tmp.iter().enumerate() {
@@ -390,7 +399,8 @@ impl Inner {
             })
             .collect();
         for r in self.parallel.run(syncs) {
-            r.map_err(DeliveryError::io)?;
+            r.unwrap_or_else(|_| Err(self.panicked()))
+                .map_err(DeliveryError::io)?;
         }
 
         // Durable. From here on nothing may fail the transaction.

@@ -11,9 +11,18 @@
 //! tasks, so however busy they are every task is eventually run: a full
 //! pool delays a transaction, it cannot deadlock it. The caller runs one
 //! task itself, so a single-copy transaction never leaves its thread.
+//!
+//! A task that panics is reported as [`Panicked`] in its slot: the
+//! delivery then fails (451) instead of waiting for a result that never
+//! comes, and the pool thread lives on.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// A task panicked instead of returning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Panicked;
 
 /// Threads in the pool: enough for the recipients of a few concurrent
 /// transactions to sync at once, few enough to cost nothing when idle.
@@ -34,9 +43,15 @@ impl Parallel {
     pub(crate) fn run<T: Send + 'static>(
         &self,
         mut tasks: Vec<Box<dyn FnOnce() -> T + Send>>,
-    ) -> Vec<T> {
+    ) -> Vec<Result<T, Panicked>> {
+        let guarded = |task: Box<dyn FnOnce() -> T + Send>| {
+            catch_unwind(AssertUnwindSafe(task)).map_err(|_| {
+                tracing::error!("a delivery task panicked; the delivery fails");
+                Panicked
+            })
+        };
         if tasks.len() <= 1 {
-            return tasks.into_iter().map(|t| t()).collect();
+            return tasks.into_iter().map(guarded).collect();
         }
         let first = tasks.remove(0);
         let (done, results) = mpsc::channel();
@@ -46,14 +61,14 @@ impl Parallel {
             for (i, task) in tasks.into_iter().enumerate() {
                 let done = done.clone();
                 let job: Job = Box::new(move || {
-                    let _ = done.send((i, task()));
+                    let _ = done.send((i, guarded(task)));
                 });
                 jobs.send(job)
                     .expect("the pool lives as long as its sender");
             }
         }
-        let mut out: Vec<Option<T>> = (0..=n).map(|_| None).collect();
-        out[0] = Some(first());
+        let mut out: Vec<Option<Result<T, Panicked>>> = (0..=n).map(|_| None).collect();
+        out[0] = Some(guarded(first));
         for _ in 0..n {
             let (i, r) = results.recv().expect("every job reports");
             out[i + 1] = Some(r);
@@ -103,7 +118,7 @@ mod tests {
             .collect();
         assert_eq!(
             p.run(tasks),
-            (0..20usize).map(|i| i * 10).collect::<Vec<_>>()
+            (0..20usize).map(|i| Ok(i * 10)).collect::<Vec<_>>()
         );
     }
 
@@ -121,7 +136,7 @@ mod tests {
                 }) as Box<dyn FnOnce() -> bool + Send>
             })
             .collect();
-        assert_eq!(p.run(tasks), vec![true; 4]);
+        assert_eq!(p.run(tasks), vec![Ok(true); 4]);
     }
 
     #[test]
@@ -130,7 +145,26 @@ mod tests {
         let me = std::thread::current().id();
         let tasks: Vec<Box<dyn FnOnce() -> bool + Send>> =
             vec![Box::new(move || std::thread::current().id() == me)];
-        assert_eq!(p.run(tasks), vec![true]);
+        assert_eq!(p.run(tasks), vec![Ok(true)]);
         assert!(p.jobs.get().is_none(), "no pool for a single task");
+    }
+
+    #[test]
+    fn a_panicking_task_is_reported_and_the_pool_lives_on() {
+        let p = Parallel::default();
+        let tasks: Vec<Box<dyn FnOnce() -> u8 + Send>> = vec![
+            Box::new(|| 1),
+            Box::new(|| panic!("a sync failed badly")),
+            Box::new(|| 3),
+        ];
+        assert_eq!(p.run(tasks), vec![Ok(1), Err(Panicked), Ok(3)]);
+        // Every pool thread still serves: more tasks than the first call
+        // could have left alive if a panic killed its thread.
+        let tasks: Vec<Box<dyn FnOnce() -> u8 + Send>> = (0..THREADS as u8 * 2)
+            .map(|i| Box::new(move || i) as Box<dyn FnOnce() -> u8 + Send>)
+            .collect();
+        assert_eq!(p.run(tasks).len(), THREADS * 2);
+        let first: Vec<Box<dyn FnOnce() -> u8 + Send>> = vec![Box::new(|| panic!("on the caller"))];
+        assert_eq!(p.run(first), vec![Err(Panicked)]);
     }
 }
