@@ -86,7 +86,7 @@ struct Fixed {
 }
 
 impl Fixed {
-    fn new(stage: Stage, verdict: Verdict) -> (Arc<dyn Check>, Arc<Mutex<Vec<String>>>) {
+    fn check(stage: Stage, verdict: Verdict) -> (Arc<dyn Check>, Arc<Mutex<Vec<String>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let check = Arc::new(Fixed {
             stage,
@@ -156,7 +156,7 @@ async fn through_rcpt(c: &mut Client<DuplexStream>) {
 #[tokio::test]
 async fn a_check_sees_each_stage_with_what_is_known_then() {
     let b = bare().await;
-    let (check, seen) = Fixed::new(Stage::Data, Verdict::Continue);
+    let (check, seen) = Fixed::check(Stage::Data, Verdict::Continue);
     let mut c = b.session(vec![check]);
     through_rcpt(&mut c).await;
     let reply = c.cmd_prefix("DATA", "354").await;
@@ -188,13 +188,13 @@ async fn refusals_at_each_stage_use_the_checks_reply() {
     let b = bare().await;
     let own = Reply::new(554, "5.7.1", "Go away");
     // Connect: the reply replaces the greeting and the session ends.
-    let (check, _) = Fixed::new(Stage::Connect, Verdict::reject(Some(own.clone())));
+    let (check, _) = Fixed::check(Stage::Connect, Verdict::reject(Some(own.clone())));
     let mut c = b.session(vec![check]);
     assert_eq!(c.reply().await, "554 5.7.1 Go away\r\n");
     assert_eq!(c.reply().await, "");
 
     // Helo: refused, and MAIL still needs a greeting.
-    let (check, _) = Fixed::new(Stage::Helo, Verdict::tempfail(None));
+    let (check, _) = Fixed::check(Stage::Helo, Verdict::tempfail(None));
     let mut c = b.session(vec![check]);
     c.greeting().await;
     c.cmd(
@@ -209,7 +209,7 @@ async fn refusals_at_each_stage_use_the_checks_reply() {
     .await;
 
     // Mail: no transaction begins.
-    let (check, _) = Fixed::new(Stage::Mail, Verdict::reject(None));
+    let (check, _) = Fixed::check(Stage::Mail, Verdict::reject(None));
     let mut c = b.session(vec![check]);
     c.greeting().await;
     c.cmd_prefix("EHLO client.example", "250-").await;
@@ -222,7 +222,7 @@ async fn refusals_at_each_stage_use_the_checks_reply() {
         .await;
 
     // Rcpt: that recipient only.
-    let (check, _) = Fixed::new(Stage::Rcpt, Verdict::reject(Some(own.clone())));
+    let (check, _) = Fixed::check(Stage::Rcpt, Verdict::reject(Some(own.clone())));
     let mut c = b.session(vec![check]);
     c.greeting().await;
     c.cmd_prefix("EHLO client.example", "250-").await;
@@ -233,7 +233,7 @@ async fn refusals_at_each_stage_use_the_checks_reply() {
     c.cmd("DATA", "503 5.5.1 Need RCPT command").await;
 
     // Data: the message is refused and nothing is delivered.
-    let (check, _) = Fixed::new(Stage::Data, Verdict::reject(Some(own)));
+    let (check, _) = Fixed::check(Stage::Data, Verdict::reject(Some(own)));
     let mut c = b.session(vec![check]);
     through_rcpt(&mut c).await;
     c.cmd_prefix("DATA", "354").await;
@@ -246,11 +246,11 @@ async fn refusals_at_each_stage_use_the_checks_reply() {
 async fn headers_from_checks_land_below_received_and_discard_stores_nothing() {
     let b = bare().await;
     let spam = Header::new("X-Spam", "no").unwrap();
-    let (at_rcpt, _) = Fixed::new(
+    let (at_rcpt, _) = Fixed::check(
         Stage::Rcpt,
         Verdict::AddHeaders(vec![Header::new("X-Checked-Rcpt", "1").unwrap()]),
     );
-    let (at_data, _) = Fixed::new(Stage::Data, Verdict::AddHeaders(vec![spam]));
+    let (at_data, _) = Fixed::check(Stage::Data, Verdict::AddHeaders(vec![spam]));
     let mut c = b.session(vec![at_rcpt, at_data]);
     through_rcpt(&mut c).await;
     c.cmd_prefix("DATA", "354").await;
@@ -263,7 +263,7 @@ async fn headers_from_checks_land_below_received_and_discard_stores_nothing() {
     let inbox = b.inbox("alice");
     assert_eq!(inbox.len(), 1);
     let after_received = inbox[0]
-        .split_once(&format!("\tfor <alice@example.org>; "))
+        .split_once("\tfor <alice@example.org>; ")
         .unwrap()
         .1;
     let (_, rest) = after_received.split_once('\n').unwrap();
@@ -274,7 +274,7 @@ async fn headers_from_checks_land_below_received_and_discard_stores_nothing() {
     assert!(inbox[0].contains(&format!(" id {id}\n")));
 
     // Discard: the client sees an accept, no mailbox sees the message.
-    let (discard, _) = Fixed::new(Stage::Data, Verdict::Discard);
+    let (discard, _) = Fixed::check(Stage::Data, Verdict::Discard);
     let mut c = b.session(vec![discard]);
     c.greeting().await;
     c.cmd_prefix("EHLO client.example", "250-").await;
