@@ -5,6 +5,12 @@
 //! users and foreign domains all answer 404, so the sink never shows
 //! anything but sink mail. There is deliberately no endpoint listing
 //! mailboxes.
+//!
+//! Showing a message parses it, and its HTML is sanitized: that work grows
+//! with the message, so every handler hands it to the blocking pool
+//! ([`blocking::run`]) and never stalls the runtime worker that serves the
+//! SMTP sessions beside it. Nothing is parsed on store, so even a listing
+//! line (list, SSE, wait) goes there.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -21,9 +27,10 @@ use axum::routing::get;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::Sink;
 use super::store::Message;
+use super::{Sink, Summary};
 use crate::address::Address;
+use crate::blocking::{self, BlockingError};
 use crate::directory::{Directory, Route};
 
 /// The page, with `{{NONCE}}` where each response's CSP nonce goes.
@@ -64,6 +71,18 @@ impl ApiError {
 
     fn bad_request(why: impl ToString) -> ApiError {
         ApiError(StatusCode::BAD_REQUEST, why.to_string())
+    }
+}
+
+/// Work handed to the blocking pool that panicked: a bug, logged, and
+/// answered 500 like any other API error.
+impl From<BlockingError> for ApiError {
+    fn from(e: BlockingError) -> ApiError {
+        tracing::error!(error = %e, "sink: showing a message failed");
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{} failed", e.what),
+        )
     }
 }
 
@@ -198,6 +217,11 @@ async fn message(app: &App, address: &str, id: &str) -> Result<Arc<Message>, Api
         .ok_or_else(|| ApiError::not_found("no such message"))
 }
 
+/// A message's listing line, parsed on the blocking pool.
+async fn summary(m: Arc<Message>) -> Result<Summary, BlockingError> {
+    blocking::run("parsing a sink message's summary", move || m.summary()).await
+}
+
 fn images(query: &HashMap<String, String>) -> bool {
     query.get("images").is_some_and(|v| v == "1" || v == "true")
 }
@@ -225,12 +249,12 @@ async fn page() -> Response {
 
 async fn list(State(app): Shared, Path(address): Path<String>) -> Result<Response, ApiError> {
     let mailbox = mailbox(&app, &address).await?;
-    let summaries: Vec<_> = app
-        .sink
-        .list(&mailbox)
-        .iter()
-        .map(|m| m.summary())
-        .collect();
+    let messages = app.sink.list(&mailbox);
+    // One hand-off for the whole listing.
+    let summaries = blocking::run("listing a sink mailbox", move || {
+        messages.iter().map(|m| m.summary()).collect::<Vec<_>>()
+    })
+    .await?;
     Ok(Json(summaries).into_response())
 }
 
@@ -246,7 +270,9 @@ async fn detail(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let m = message(&app, &address, &id).await?;
-    Ok(Json(m.detail(images(&q))).into_response())
+    let images = images(&q);
+    let detail = blocking::run("parsing a sink message", move || m.detail(images)).await?;
+    Ok(Json(detail).into_response())
 }
 
 async fn delete(
@@ -286,8 +312,8 @@ async fn html(
 ) -> Result<Response, ApiError> {
     let m = message(&app, &address, &id).await?;
     let images = images(&q);
-    let body = m
-        .html(images)
+    let body = blocking::run("sanitizing a sink message's HTML", move || m.html(images))
+        .await?
         .ok_or_else(|| ApiError::not_found("the message has no HTML body"))?;
     let document = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\"></head><body>{body}</body></html>\n"
@@ -313,8 +339,8 @@ async fn attachment(
     let index: usize = index
         .parse()
         .map_err(|_| ApiError::not_found("no such attachment"))?;
-    let a = m
-        .attachment(index)
+    let a = blocking::run("extracting a sink attachment", move || m.attachment(index))
+        .await?
         .ok_or_else(|| ApiError::not_found("no such attachment"))?;
     let content_type = HeaderValue::from_str(&a.content_type)
         .ok()
@@ -404,12 +430,21 @@ async fn events(State(app): Shared, Path(address): Path<String>) -> Result<Respo
     // will hear of every later message.
     let stream = arrivals(app.sink.clone(), mailbox)
         .take_until(app.sink.closing().cancelled_owned())
-        .map(|m| {
-            let event = Event::default()
-                .event("message")
-                .id(m.id.clone())
-                .json_data(m.summary())
-                .unwrap_or_else(|_| Event::default());
+        .then(|m| async move {
+            let id = m.id.clone();
+            let event = match summary(m).await {
+                Ok(summary) => Event::default()
+                    .event("message")
+                    .id(id)
+                    .json_data(summary)
+                    .unwrap_or_else(|_| Event::default()),
+                // An event without data, which clients ignore, as for a
+                // summary that does not serialize.
+                Err(e) => {
+                    tracing::error!(error = %e, "sink: announcing a message failed");
+                    Event::default()
+                }
+            };
             Ok::<_, Infallible>(event)
         });
     let mut response = Sse::new(stream)
@@ -454,12 +489,12 @@ async fn wait(
         .get("after")
         .and_then(|after| app.sink.next_after(&mailbox, after))
     {
-        return Ok(Json(next.summary()).into_response());
+        return Ok(Json(summary(next).await?).into_response());
     }
     let closing = app.sink.closing();
     tokio::select! {
         next = tokio::time::timeout(timeout, arrivals.next()) => match next {
-            Ok(Some(m)) => Ok(Json(m.summary()).into_response()),
+            Ok(Some(m)) => Ok(Json(summary(m).await?).into_response()),
             _ => Ok(StatusCode::NO_CONTENT.into_response()),
         },
         _ = closing.cancelled() => Ok(StatusCode::NO_CONTENT.into_response()),
@@ -500,6 +535,20 @@ mod tests {
         assert!(is_mime_type("application/vnd.ms-excel"));
         assert!(!is_mime_type("text/html; charset=x"));
         assert!(!is_mime_type("text"));
+    }
+
+    #[tokio::test]
+    async fn work_that_panicked_on_the_blocking_pool_answers_500_json() {
+        let e = blocking::run("parsing a sink message", || -> u8 { panic!("bug") })
+            .await
+            .unwrap_err();
+        let r = ApiError::from(e).into_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(r.into_body(), 4096).await.unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({"error": "parsing a sink message failed"})
+        );
     }
 
     #[test]

@@ -1,5 +1,10 @@
 //! What people see of a stored message: it is parsed (mail-parser) only
 //! when asked for, into the JSON summary and detail types of the API.
+//!
+//! Every entry point here parses the whole message, and [`Message::detail`]
+//! and [`Message::html`] also sanitize its HTML: work that grows with the
+//! message and blocks. Call them on the blocking pool
+//! ([`crate::blocking::run`]); in debug builds they panic on the runtime.
 
 use std::borrow::Cow;
 
@@ -8,6 +13,7 @@ use serde::Serialize;
 
 use super::sanitize;
 use super::store::Message;
+use crate::blocking;
 
 /// One line of a mailbox listing (and the payload of SSE and wait).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -123,15 +129,18 @@ fn unfold(raw: &[u8]) -> String {
 }
 
 impl Message {
-    /// The listing line.
+    /// The listing line. Nothing is parsed on store, so this is a full
+    /// parse too: blocks (see the module docs).
     pub fn summary(&self) -> Summary {
+        blocking::assert_off_runtime("parsing a sink message's summary");
         // Our trace header holds none of the fields a listing shows.
         summary_of(self, parse(self.content()).as_ref())
     }
 
     /// Everything shown when the message is opened. `images` keeps remote
-    /// images in the sanitized HTML.
+    /// images in the sanitized HTML. Blocks (see the module docs).
     pub fn detail(&self, images: bool) -> Detail {
+        blocking::assert_off_runtime("parsing a sink message");
         let whole = self.raw();
         let parsed = parse(&whole);
         let summary = summary_of(self, parsed.as_ref());
@@ -181,15 +190,19 @@ impl Message {
         }
     }
 
-    /// The sanitized HTML body alone; None when there is none.
+    /// The sanitized HTML body alone; None when there is none. Blocks (see
+    /// the module docs).
     pub fn html(&self, images: bool) -> Option<String> {
+        blocking::assert_off_runtime("parsing a sink message's HTML body");
         let m = parse(self.content())?;
         let part = m.html_part(0).filter(|p| p.is_text_html())?;
         Some(sanitize::clean(part.text_contents()?, images))
     }
 
     /// Attachment number `index` (as listed in [`Detail::attachments`]).
+    /// Blocks (see the module docs).
     pub fn attachment(&self, index: usize) -> Option<AttachmentBody> {
+        blocking::assert_off_runtime("parsing a sink message's attachment");
         let m = parse(self.content())?;
         let part = m.attachments().nth(index)?;
         Some(AttachmentBody {
@@ -202,6 +215,7 @@ impl Message {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use bytes::Bytes;
@@ -210,6 +224,21 @@ mod tests {
     use crate::config::SinkConfig;
     use crate::sink::Sink;
 
+    /// `raw` as the store holds it. The store needs a runtime; parsing
+    /// blocks, so the tests parse on their own plain thread, after it.
+    fn stored(raw: Bytes) -> Arc<Message> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sink = Sink::new(&SinkConfig::default(), 1 << 20);
+            sink.insert("a@x.tmp.example.org", Duration::from_secs(3600), raw)
+                .unwrap();
+            sink.list("a@x.tmp.example.org").remove(0)
+        })
+    }
+
     /// tests/fixtures/sink/multipart-attachment.eml, from the shared corpus
     /// (thirdparty/018.eml, MIT), with CRLF line endings as SMTP hands them over.
     fn fixture() -> Bytes {
@@ -217,18 +246,11 @@ mod tests {
         Bytes::from(text.replace("\r\n", "\n").replace('\n', "\r\n"))
     }
 
-    #[tokio::test]
-    async fn parses_a_multipart_message_with_an_attachment_on_demand() {
-        let sink = Sink::new(&SinkConfig::default(), 1 << 20);
+    #[test]
+    fn parses_a_multipart_message_with_an_attachment_on_demand() {
         let raw = fixture();
         let size = raw.len();
-        sink.insert(
-            "a@x.tmp.example.org",
-            Duration::from_secs(3600),
-            raw.clone(),
-        )
-        .unwrap();
-        let stored = sink.list("a@x.tmp.example.org").remove(0);
+        let stored = stored(raw.clone());
         // Stored exactly as handed over.
         assert_eq!(stored.raw(), raw);
 
@@ -287,20 +309,40 @@ mod tests {
         assert!(stored.attachment(2).is_none());
     }
 
-    #[tokio::test]
-    async fn a_message_without_headers_still_shows() {
-        let sink = Sink::new(&SinkConfig::default(), 1 << 20);
-        sink.insert(
-            "a@x.tmp.example.org",
-            Duration::from_secs(3600),
-            Bytes::from_static(b"just text\r\n"),
-        )
-        .unwrap();
-        let stored = sink.list("a@x.tmp.example.org").remove(0);
+    #[test]
+    fn a_message_without_headers_still_shows() {
+        let stored = stored(Bytes::from_static(b"just text\r\n"));
         let d = stored.detail(false);
         assert_eq!(d.summary.subject, None);
         assert_eq!(d.summary.from, None);
         assert!(d.summary.to.is_empty());
         assert!(d.html.is_none());
+    }
+
+    /// The guard release builds leave out is what makes a forgotten
+    /// hand-off fail the sink's tests.
+    #[cfg(debug_assertions)]
+    #[tokio::test]
+    async fn parsing_on_the_runtime_panics_in_debug_builds() {
+        let sink = Sink::new(&SinkConfig::default(), 1 << 20);
+        sink.insert("a@x.tmp.example.org", Duration::from_secs(3600), fixture())
+            .unwrap();
+        let stored = sink.list("a@x.tmp.example.org").remove(0);
+        let on_runtime: [(&str, &dyn Fn()); 5] = [
+            ("summary", &|| drop(stored.summary())),
+            ("detail", &|| drop(stored.detail(false))),
+            ("html", &|| drop(stored.html(false))),
+            ("attachment", &|| drop(stored.attachment(0))),
+            ("clean", &|| drop(sanitize::clean("<p>x</p>", false))),
+        ];
+        for (what, f) in on_runtime {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            assert!(caught.is_err(), "{what} must refuse to run on the runtime");
+        }
+        // The same work handed off runs.
+        let summary = crate::blocking::run("test", move || stored.summary())
+            .await
+            .unwrap();
+        assert!(summary.subject.is_some());
     }
 }

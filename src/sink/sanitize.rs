@@ -86,7 +86,10 @@ fn url_key(value: &str) -> String {
 
 /// Sanitizes an HTML body for display. With `images` false, `<img>`
 /// pointing anywhere but inline `data:`/`cid:` is blocked (see module docs).
+/// Parses and rewrites the whole document, so it blocks: call it on the
+/// blocking pool ([`crate::blocking::run`]).
 pub fn clean(html: &str, images: bool) -> String {
+    crate::blocking::assert_off_runtime("sanitizing a sink message's HTML");
     let marker: &'static str = MARKER.as_str();
     let mut builder = Builder::default();
     builder
