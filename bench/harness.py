@@ -584,8 +584,10 @@ def report(results, args, idle, versions, out_dir):
     by = {}
     for r in results:
         by.setdefault((r.load, r.server), []).append(r)
-    servers = [s for s in ("letterbox", "letterbox-pg", "postfix", "disk", "letterbox-sink", "smtp-sink")
+    servers = [s for s in ("letterbox", "letterbox-base", "letterbox-pg", "postfix", "disk",
+                           "letterbox-sink", "smtp-sink")
                if any(k[1] == s for k in by)]
+    with_base = "letterbox-base" in servers
     the_loads = sorted({k[0] for k in by}, key=lambda l: (l.size, l.rcpts, l.sessions))
 
     def rate(load, server):
@@ -613,14 +615,16 @@ def report(results, args, idle, versions, out_dir):
     w("")
     w("## Throughput (messages/s, until the last copy is in new/)\n")
     w("| load | " + " | ".join(servers)
+      + (" | letterbox ÷ base" if with_base else "")
       + " | letterbox ÷ postfix | letterbox ÷ disk | letterbox-pg ÷ letterbox | sink ÷ smtp-sink |")
-    w("|---|" + "---|" * (len(servers) + 4))
+    w("|---|" + "---|" * (len(servers) + 4 + with_base))
     for load in the_loads:
         row = [f"{rate(load, s):.0f}" if rate(load, s) else "–" for s in servers]
         lb, pf, dk = rate(load, "letterbox"), rate(load, "postfix"), rate(load, "disk")
         pg, sk, ss = rate(load, "letterbox-pg"), rate(load, "letterbox-sink"), rate(load, "smtp-sink")
         ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "–"
-        w(f"| {load.name} ({load.messages} msgs) | " + " | ".join(row)
+        base = f" | {ratio(lb, rate(load, 'letterbox-base'))}" if with_base else ""
+        w(f"| {load.name} ({load.messages} msgs) | " + " | ".join(row) + base
           + f" | {ratio(lb, pf)} | {ratio(lb, dk)} | {ratio(pg, lb)} | {ratio(sk, ss)} |")
     w("")
     w("Load names: sessions-size-recipients. Each message to R recipients is R copies on disk. "
@@ -698,6 +702,9 @@ def main():
     ap.add_argument("--postfix-base", type=Path, default=Path("/var/mail/postfix-peer"))
     ap.add_argument("--ceiling", type=Path, help="the fsync_ceiling binary; disk runs when set")
     ap.add_argument("--postgres", help="admin URL; letterbox-pg runs when set")
+    ap.add_argument("--baseline", type=Path,
+                    help="an earlier letterbox binary, run as letterbox-base beside the current one "
+                         "(same directory, same loads, interleaved): a before/after in one sitting")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--idle", type=int, default=10000)
     ap.add_argument("--quick", action="store_true", help="a quarter of the messages")
@@ -719,6 +726,9 @@ def main():
 
     servers = [Letterbox(args.binary, args.work / "sqlite",
                          f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox")]
+    if args.baseline:
+        servers.append(Letterbox(args.baseline, args.work / "base",
+                                 f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox-base"))
     if args.ceiling:
         servers.append(Disk(args.ceiling, args.work / "disk"))
     if args.postgres:

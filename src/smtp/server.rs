@@ -188,7 +188,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let rt = pipeline.runtime.clone();
-    let mut conn = match ip {
+    let conn = match ip {
         Some(ip) => {
             let mut c = Connection::new(ip);
             c.rdns = rt.start_rdns(ip);
@@ -196,7 +196,6 @@ where
         }
         None => Connection::local(),
     };
-    conn.checks = Some(pipeline.open());
     let session =
         Session::with_protocol(stream, pipeline.clone(), conn, shutdown.clone(), protocol);
     let (outcome, mut conn) = session.run(true).await?;
