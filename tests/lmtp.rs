@@ -7,15 +7,23 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use common::db::{Backend, TestDb};
 use common::server::{Client, TestServer};
 use letterbox::config::ListenAddr;
 use letterbox::smtp::server::Bound;
 
 /// A server with LMTP on a unix socket and on loopback TCP, and a carol
-/// whose quota is smaller than the test message.
-async fn lmtp_server(dir: &Path) -> (TestServer, PathBuf, std::net::SocketAddr) {
+/// whose quota is smaller than the test message; its directory on SQLite
+/// in the server's temp dir, or at `db_url`.
+async fn lmtp_server(
+    dir: &Path,
+    db_url: Option<&str>,
+) -> (TestServer, PathBuf, std::net::SocketAddr) {
     let sock = dir.join("lmtp.sock");
     let s = TestServer::start(|c| {
+        if let Some(url) = db_url {
+            c.database.url = url.to_string();
+        }
         c.lmtp.listen = vec![
             ListenAddr::Unix(sock.clone()),
             ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
@@ -113,9 +121,27 @@ fn ids(text: &str) -> (String, Vec<String>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smtplib_gets_one_exact_reply_per_recipient_on_both_sockets() {
+async fn smtplib_per_recipient_replies_on_sqlite() {
+    smtplib_gets_one_exact_reply_per_recipient_on_both_sockets(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtplib_per_recipient_replies_on_postgres() {
+    smtplib_gets_one_exact_reply_per_recipient_on_both_sockets(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtplib_per_recipient_replies_on_mysql() {
+    smtplib_gets_one_exact_reply_per_recipient_on_both_sockets(Backend::MySql).await;
+}
+
+async fn smtplib_gets_one_exact_reply_per_recipient_on_both_sockets(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, sock, tcp) = lmtp_server(dir.path()).await;
+    let Some(db) = TestDb::new(backend, dir.path()).await else {
+        return;
+    };
+    let url = (backend != Backend::Sqlite).then_some(db.url.as_str());
+    let (s, sock, tcp) = lmtp_server(dir.path(), url).await;
     let body = message();
     for (round, target) in [sock.display().to_string(), tcp.to_string()]
         .iter()
@@ -146,11 +172,13 @@ async fn smtplib_gets_one_exact_reply_per_recipient_on_both_sockets() {
         assert_eq!(s.new_files("alice@example.org").len(), round + 1);
         assert_eq!(s.new_files("bob@example.org").len(), round + 1);
         assert!(s.new_files("carol@example.org").is_empty());
-        let stored = std::fs::read_to_string(&s.new_files("bob@example.org")[round]).unwrap();
-        assert!(
-            stored.contains(&format!(" with LMTP id {}\n", ids[0])),
-            "{stored}"
-        );
+        // Names sort by time only to the second: find this round's copy.
+        let stored = s
+            .new_files("bob@example.org")
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .find(|text| text.contains(&format!(" with LMTP id {}\n", ids[0])))
+            .expect("bob's copy of this round");
         assert!(stored.starts_with("Return-Path: <sender@remote.example>\nDelivered-To: bob@example.org\nReceived: from client.example ("));
         assert!(stored.ends_with(&format!(
             "\nFrom: sender@remote.example\nSubject: lmtp\n\n{}",
@@ -162,7 +190,7 @@ async fn smtplib_gets_one_exact_reply_per_recipient_on_both_sockets() {
 #[tokio::test]
 async fn lhlo_is_the_greeting_verb_and_bdat_answers_per_recipient() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, sock, _) = lmtp_server(dir.path()).await;
+    let (s, sock, _) = lmtp_server(dir.path(), None).await;
     let mut c = Client::new(tokio::net::UnixStream::connect(&sock).await.unwrap());
     assert_eq!(c.reply().await, "220 mx.example.org LMTP letterbox\r\n");
     c.cmd(
