@@ -1,0 +1,149 @@
+//! The environment around the real binary: the log is coloured only on a
+//! terminal and never under `NO_COLOR`.
+
+mod common;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::process::{Process, Sections, admin, letterbox, write_config};
+
+/// How long to wait for a log line before failing.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A temporary directory with a config file and a migrated database.
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("sqlite://{}", dir.path().join("letterbox.db").display()),
+        &Sections::default(),
+    );
+    admin(&config, &["migrate"]);
+    (dir, config)
+}
+
+#[test]
+fn the_log_on_a_pipe_has_no_colour() {
+    let (_dir, config) = setup();
+    // NO_COLOR removed: the pipe alone must be enough.
+    let server = Process::serve_with(&config, |c| {
+        c.env_remove("NO_COLOR");
+    });
+    server.signal(libc::SIGHUP);
+    let log = server.wait_log("SIGHUP: no TLS configured", PATIENCE);
+    assert!(!log.contains('\x1b'), "{log:?}");
+}
+
+#[test]
+fn the_log_on_a_terminal_is_coloured_unless_no_color() {
+    let (_dir, config) = setup();
+    let log = serve_on_a_terminal(&config, None);
+    assert!(log.contains("\x1b["), "{log:?}");
+    let log = serve_on_a_terminal(&config, Some("1"));
+    assert!(!log.contains('\x1b'), "{log:?}");
+    // An empty NO_COLOR does not count (https://no-color.org).
+    let log = serve_on_a_terminal(&config, Some(""));
+    assert!(log.contains("\x1b["), "{log:?}");
+}
+
+/// Runs `serve` with its stderr on a pseudo-terminal and `NO_COLOR` as
+/// given, makes it log a line (SIGHUP) and returns what it logged.
+fn serve_on_a_terminal(config: &Path, no_color: Option<&str>) -> String {
+    let (master, slave) = open_pty();
+    let mut command = letterbox(config);
+    match no_color {
+        Some(v) => command.env("NO_COLOR", v),
+        None => command.env_remove("NO_COLOR"),
+    };
+    let mut child = command
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("spawn letterbox serve");
+    // Closes our copy of the slave, so that the child holds the only one.
+    drop(command);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (mut master, log) = (File::from(master), log.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    // Drains stdout for the process's whole life: a closed pipe would make
+    // the server's next println! fail.
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line == "letterbox: ready" => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "serve did not start: {}",
+                    String::from_utf8_lossy(&log.lock().unwrap())
+                );
+            }
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + PATIENCE;
+    let text = loop {
+        let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+        if text.contains("SIGHUP: no TLS configured") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "log never said it: {text:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    text
+}
+
+/// A new pseudo-terminal: (master, slave).
+fn open_pty() -> (OwnedFd, OwnedFd) {
+    // SAFETY: plain libc calls on descriptors we own; ptsname_r writes at
+    // most buf.len() bytes into buf.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(master >= 0, "posix_openpt");
+        let master = OwnedFd::from_raw_fd(master);
+        assert_eq!(libc::grantpt(master.as_raw_fd()), 0, "grantpt");
+        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
+        let mut buf = [0 as libc::c_char; 128];
+        assert_eq!(
+            libc::ptsname_r(master.as_raw_fd(), buf.as_mut_ptr(), buf.len()),
+            0,
+            "ptsname_r"
+        );
+        let slave = libc::open(
+            buf.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        assert!(slave >= 0, "open the pty slave");
+        (master, OwnedFd::from_raw_fd(slave))
+    }
+}
