@@ -2,6 +2,13 @@
 //! file, then `LETTERBOX_…` environment variables (`__` separates levels, as
 //! in `LETTERBOX_DATABASE__URL`).
 //!
+//! A variable is configuration when its first segment names a top-level key
+//! (`LETTERBOX_SMTP__…`, `LETTERBOX_HOSTNAME`); those are checked as
+//! strictly as the file. Any other `LETTERBOX_…` variable (a wrapper's
+//! `LETTERBOX_BIN`, say) is not ours to refuse: it is ignored, and named in
+//! [`Config::warnings`] for the caller to report. `LETTERBOX_TEST_…` is
+//! reserved for the test suites and ignored silently.
+//!
 //! This is the plain, validated value. Resolved runtime objects (pools, the
 //! TLS acceptor, the sink store) are built from it elsewhere.
 
@@ -46,6 +53,11 @@ pub struct Config {
     pub maildir: MaildirConfig,
     pub sink: SinkConfig,
     pub log: LogConfig,
+    /// `LETTERBOX_…` variables that name no configuration key and were
+    /// therefore ignored, as they were spelled. Not configuration itself:
+    /// kept so that the warning can be given once the log is set up.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +208,7 @@ impl Default for Config {
             maildir: MaildirConfig::default(),
             sink: SinkConfig::default(),
             log: LogConfig::default(),
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -264,13 +277,66 @@ impl Default for LogConfig {
     }
 }
 
-/// The `LETTERBOX_…` variables, `__` separating levels. `LETTERBOX_TEST_…`
-/// is left to the test suites (`LETTERBOX_TEST_POSTGRES`, `…_MYSQL`): a
-/// developer who exports them must still be able to run the binary.
-fn env() -> Env {
-    Env::prefixed("LETTERBOX_")
-        .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
+/// The prefix of our environment variables.
+const ENV_PREFIX: &str = "LETTERBOX_";
+
+/// What a `LETTERBOX_…` variable is to the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EnvRole {
+    /// Its first segment names a top-level key: read, and strictly checked.
+    Config,
+    /// `LETTERBOX_TEST_…`, the test suites' own (`LETTERBOX_TEST_POSTGRES`):
+    /// a developer who exports them must still be able to run the binary.
+    Reserved,
+    /// Anything else: someone else's variable that happens to share our
+    /// prefix. Ignored with a warning.
+    Ignored,
+}
+
+/// The role of the variable `LETTERBOX_<rest>`, given the top-level keys.
+/// The first segment is what comes before the first `__`, in any case.
+fn env_role(rest: &str, keys: &[String]) -> EnvRole {
+    let first = rest.split("__").next().unwrap_or_default();
+    if keys.iter().any(|k| k.eq_ignore_ascii_case(first)) {
+        EnvRole::Config
+    } else if rest.to_ascii_lowercase().starts_with("test_") {
+        EnvRole::Reserved
+    } else {
+        EnvRole::Ignored
+    }
+}
+
+/// The top-level keys (`hostname` and the sections), read from what
+/// `Config` serializes, so that a new section is picked up by itself.
+fn top_level_keys(defaults: &Config) -> Vec<String> {
+    match serde_json::to_value(defaults) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => unreachable!("Config serializes to a map"),
+    }
+}
+
+/// The configuration variables, `__` separating levels.
+fn env(keys: Vec<String>) -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .filter(move |rest| env_role(rest.as_str(), &keys) == EnvRole::Config)
         .split("__")
+}
+
+/// The names of the variables [`env`] leaves out that deserve a warning,
+/// sorted. Matches names as figment does: trimmed, the prefix in any case.
+fn ignored_env(keys: &[String]) -> Vec<String> {
+    let mut ignored: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| {
+            let name = name.to_string_lossy();
+            let name = name.trim();
+            let prefix = name.get(..ENV_PREFIX.len())?;
+            let rest = name[ENV_PREFIX.len()..].trim();
+            (prefix.eq_ignore_ascii_case(ENV_PREFIX) && env_role(rest, keys) == EnvRole::Ignored)
+                .then(|| name.to_string())
+        })
+        .collect();
+    ignored.sort();
+    ignored
 }
 
 fn default_hostname() -> String {
@@ -297,13 +363,17 @@ impl Config {
             }
             None => DEFAULT_PATHS.iter().map(PathBuf::from).find(|p| p.exists()),
         };
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let defaults = Config::default();
+        let keys = top_level_keys(&defaults);
+        let ignored = ignored_env(&keys);
+        let mut figment = Figment::from(Serialized::defaults(defaults));
         if let Some(path) = &file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        let figment = figment.merge(env());
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let figment = figment.merge(env(keys));
+        let mut config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
+        config.ignored_env = ignored;
         Ok((config, file))
     }
 
@@ -333,8 +403,69 @@ impl Config {
         Ok(())
     }
 
+    /// What loading found worth telling the operator without refusing to
+    /// start, one sentence each; the caller shows them where it reports
+    /// (the log for `serve`, stderr for the admin commands).
+    pub fn warnings(&self) -> Vec<String> {
+        self.ignored_env
+            .iter()
+            .map(|name| format!("ignoring environment variable {name} (not a configuration key)"))
+            .collect()
+    }
+
     /// The subaddress delimiter, if subaddressing is on.
     pub fn subaddress_delimiter(&self) -> Option<char> {
         self.smtp.subaddress_delimiter.chars().next()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_level_keys_follow_the_struct() {
+        let mut keys = top_level_keys(&Config::default());
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "database", "hostname", "log", "maildir", "sink", "smtp", "tls"
+            ]
+        );
+    }
+
+    #[test]
+    fn env_roles() {
+        let keys = top_level_keys(&Config::default());
+        let role = |rest| env_role(rest, &keys);
+        assert_eq!(role("SMTP__LISTEN"), EnvRole::Config);
+        assert_eq!(role("smtp__listn"), EnvRole::Config);
+        assert_eq!(role("HOSTNAME"), EnvRole::Config);
+        assert_eq!(role("Database__Url"), EnvRole::Config);
+        // A section given as a whole is still the section, checked as such.
+        assert_eq!(role("SMTP"), EnvRole::Config);
+        assert_eq!(role("TEST_POSTGRES"), EnvRole::Reserved);
+        assert_eq!(role("test_mysql"), EnvRole::Reserved);
+        assert_eq!(role("BIN"), EnvRole::Ignored);
+        assert_eq!(role("SMTPX__LISTEN"), EnvRole::Ignored);
+        assert_eq!(role("SMTP_LISTEN"), EnvRole::Ignored);
+        assert_eq!(role(""), EnvRole::Ignored);
+    }
+
+    #[test]
+    fn warnings_name_each_ignored_variable() {
+        let config = Config {
+            ignored_env: vec!["LETTERBOX_BIN".into(), "letterbox_home".into()],
+            ..Config::default()
+        };
+        assert_eq!(
+            config.warnings(),
+            [
+                "ignoring environment variable LETTERBOX_BIN (not a configuration key)",
+                "ignoring environment variable letterbox_home (not a configuration key)",
+            ]
+        );
+        assert!(Config::default().warnings().is_empty());
     }
 }

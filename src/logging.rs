@@ -7,8 +7,9 @@ use std::io::IsTerminal;
 
 use crate::config::{Config, LogFormat};
 
-/// Installs the global subscriber (`RUST_LOG` overrides `log.level`). A
-/// second call leaves the first subscriber in place.
+/// Installs the global subscriber (`RUST_LOG` overrides `log.level`), then
+/// logs what loading the configuration warned about. A second call leaves
+/// the first subscriber in place.
 pub fn init(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
@@ -24,6 +25,9 @@ pub fn init(config: &Config) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
 }
 
 /// Whether to colour the log: only on a terminal, and not when `NO_COLOR`

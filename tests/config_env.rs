@@ -1,5 +1,8 @@
-//! The environment around the real binary: the log is coloured only on a
-//! terminal and never under `NO_COLOR`.
+//! The environment around the real binary: `LETTERBOX_…` variables that
+//! are not configuration are ignored with a warning (in the log for
+//! `serve`, on stderr for the admin commands) while a misspelt key of a
+//! section is still an error; the log is coloured only on a terminal and
+//! never under `NO_COLOR`.
 
 mod common;
 
@@ -7,7 +10,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +18,8 @@ use common::process::{Process, Sections, admin, letterbox, write_config};
 
 /// How long to wait for a log line before failing.
 const PATIENCE: Duration = Duration::from_secs(30);
+
+const BIN_WARNING: &str = "ignoring environment variable LETTERBOX_BIN (not a configuration key)";
 
 /// A temporary directory with a config file and a migrated database.
 fn setup() -> (tempfile::TempDir, PathBuf) {
@@ -26,6 +31,98 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
     );
     admin(&config, &["migrate"]);
     (dir, config)
+}
+
+fn run(mut command: Command) -> Output {
+    command
+        .stdin(Stdio::null())
+        .output()
+        .expect("run letterbox")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[test]
+fn an_admin_command_ignores_a_stray_variable_with_a_warning() {
+    let (_dir, config) = setup();
+    let mut command = letterbox(&config);
+    command
+        .env("LETTERBOX_BIN", "/usr/bin/letterbox")
+        // Reserved for the test suites: ignored without a word.
+        .env("LETTERBOX_TEST_SOMETHING", "1")
+        .args(["domain", "add", "example.org"]);
+    let out = run(command);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "added domain example.org\n");
+    assert_eq!(
+        text(&out.stderr),
+        format!("letterbox: warning: {BIN_WARNING}\n")
+    );
+
+    // One line per variable, in name order; the prefix in any case counts.
+    let mut command = letterbox(&config);
+    command
+        .env("LETTERBOX_BIN", "/usr/bin/letterbox")
+        .env("letterbox_home", "/var/lib/letterbox")
+        .arg("check");
+    let out = run(command);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "letterbox: warning: {BIN_WARNING}\n\
+             letterbox: warning: ignoring environment variable letterbox_home (not a configuration key)\n"
+        )
+    );
+}
+
+#[test]
+fn a_section_variable_is_still_checked_strictly() {
+    let (_dir, config) = setup();
+    let mut command = letterbox(&config);
+    command.env("LETTERBOX_SMTP__LISTN", "x").arg("check");
+    let out = run(command);
+    assert!(!out.status.success());
+    assert_eq!(text(&out.stdout), "");
+    // figment lists the keys it expected; the list grows with the section.
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("letterbox: unknown field: found `listn`, expected `one of `listen`, ")
+            && stderr
+                .ends_with(" for key \"SMTP.LISTN\" in `LETTERBOX_` environment variable(s)\n"),
+        "{stderr}"
+    );
+
+    // A top-level key is configuration too, with its own checks.
+    let mut command = letterbox(&config);
+    command.env("LETTERBOX_HOSTNAME", "mx example").arg("check");
+    let out = run(command);
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr),
+        "letterbox: config: hostname \"mx example\" must be a non-empty name without spaces\n"
+    );
+}
+
+#[test]
+fn serve_logs_one_warning_per_ignored_variable() {
+    let (_dir, config) = setup();
+    let server = Process::serve_with(&config, |c| {
+        c.env("LETTERBOX_BIN", "/usr/bin/letterbox")
+            .env("LETTERBOX_HOME", "/var/lib/letterbox")
+            .env("LETTERBOX_TEST_SOMETHING", "1")
+            .env_remove("NO_COLOR");
+    });
+    let home = "ignoring environment variable LETTERBOX_HOME (not a configuration key)";
+    let log = server.wait_log(home, PATIENCE);
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once(" WARN letterbox::logging: ").map(|(_, m)| m))
+        .collect();
+    assert_eq!(warnings, [BIN_WARNING, home], "{log}");
+    assert!(!log.contains("LETTERBOX_TEST_SOMETHING"), "{log}");
 }
 
 #[test]
