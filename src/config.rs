@@ -12,8 +12,10 @@
 //! This is the plain, validated value. Resolved runtime objects (pools, the
 //! TLS acceptor, the sink store) are built from it elsewhere.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -53,6 +55,7 @@ pub struct Config {
     pub maildir: MaildirConfig,
     pub sink: SinkConfig,
     pub log: LogConfig,
+    pub lmtp: LmtpConfig,
     /// `LETTERBOX_…` variables that name no configuration key and were
     /// therefore ignored, as they were spelled. Not configuration itself:
     /// kept so that the warning can be given once the log is set up.
@@ -198,6 +201,86 @@ pub enum LogFormat {
     Json,
 }
 
+/// LMTP (RFC 2033): mail handed to us by trusted local clients, such as
+/// another MTA or a content filter, with a reply per recipient.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmtpConfig {
+    /// Addresses to accept LMTP on; empty (the default) turns LMTP off.
+    /// LMTP has no authentication, so these belong on loopback or a unix
+    /// socket, never on a public address.
+    pub listen: Vec<ListenAddr>,
+}
+
+/// Where a listener accepts connections. Written as a string: `IP:PORT`
+/// (`127.0.0.1:2424`, `[::1]:2424`) or `unix:/ABSOLUTE/PATH`; [`Display`]
+/// gives back the same form.
+///
+/// [`Display`]: fmt::Display
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// A TCP address with its port.
+    Tcp(SocketAddr),
+    /// A unix socket at this absolute path.
+    Unix(PathBuf),
+}
+
+/// Why a string is not a [`ListenAddr`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListenAddrError {
+    /// Neither `unix:…` nor an IP address with a port (host names are not
+    /// resolved: a listener binds an address).
+    #[error(
+        "invalid listen address {0:?}: expected IP:PORT (127.0.0.1:2424, [::1]:2424) or unix:/ABSOLUTE/PATH"
+    )]
+    Unrecognized(String),
+    /// `unix:` with a relative or empty path, which would depend on the
+    /// working directory the server happens to start in.
+    #[error(
+        "invalid listen address {0:?}: a unix socket path must be absolute (unix:/ABSOLUTE/PATH)"
+    )]
+    RelativeUnixPath(String),
+}
+
+impl FromStr for ListenAddr {
+    type Err = ListenAddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(ListenAddrError::RelativeUnixPath(s.into()));
+            }
+            return Ok(ListenAddr::Unix(path));
+        }
+        s.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| ListenAddrError::Unrecognized(s.into()))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -208,6 +291,7 @@ impl Default for Config {
             maildir: MaildirConfig::default(),
             sink: SinkConfig::default(),
             log: LogConfig::default(),
+            lmtp: LmtpConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -430,7 +514,7 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "hostname", "log", "maildir", "sink", "smtp", "tls"
+                "database", "hostname", "lmtp", "log", "maildir", "sink", "smtp", "tls"
             ]
         );
     }
@@ -442,6 +526,7 @@ mod tests {
         assert_eq!(role("SMTP__LISTEN"), EnvRole::Config);
         assert_eq!(role("smtp__listn"), EnvRole::Config);
         assert_eq!(role("HOSTNAME"), EnvRole::Config);
+        assert_eq!(role("LMTP__LISTEN"), EnvRole::Config);
         assert_eq!(role("Database__Url"), EnvRole::Config);
         // A section given as a whole is still the section, checked as such.
         assert_eq!(role("SMTP"), EnvRole::Config);
@@ -467,5 +552,82 @@ mod tests {
             ]
         );
         assert!(Config::default().warnings().is_empty());
+    }
+
+    #[test]
+    fn listen_addr_round_trips_its_string_form() {
+        for s in [
+            "127.0.0.1:2424",
+            "0.0.0.0:24",
+            "[::1]:2424",
+            "[::]:2424",
+            "unix:/run/letterbox/lmtp.sock",
+        ] {
+            let addr: ListenAddr = s.parse().unwrap();
+            assert_eq!(addr.to_string(), s);
+        }
+        assert_eq!(
+            "unix:/run/letterbox/lmtp.sock".parse(),
+            Ok(ListenAddr::Unix("/run/letterbox/lmtp.sock".into()))
+        );
+        assert_eq!(
+            "[::1]:2424".parse(),
+            Ok(ListenAddr::Tcp("[::1]:2424".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn listen_addr_refuses_other_forms_by_name() {
+        let err = |s: &str| s.parse::<ListenAddr>().unwrap_err().to_string();
+        let unrecognized = |s: &str| {
+            format!(
+                "invalid listen address {s:?}: expected IP:PORT (127.0.0.1:2424, [::1]:2424) or unix:/ABSOLUTE/PATH"
+            )
+        };
+        for s in [
+            "localhost:2424",
+            "127.0.0.1",
+            "::1:2424",
+            "/run/lmtp.sock",
+            "tcp:127.0.0.1:2424",
+            "",
+        ] {
+            assert_eq!(err(s), unrecognized(s));
+        }
+        for s in ["unix:lmtp.sock", "unix:", "unix:./lmtp.sock"] {
+            assert_eq!(
+                err(s),
+                format!(
+                    "invalid listen address {s:?}: a unix socket path must be absolute (unix:/ABSOLUTE/PATH)"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn lmtp_is_off_by_default_and_read_from_toml() {
+        assert!(Config::default().lmtp.listen.is_empty());
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(
+                "[lmtp]\nlisten = [\"unix:/run/letterbox/lmtp.sock\", \"[::1]:2424\"]\n",
+            ))
+            .extract()
+            .unwrap();
+        assert_eq!(
+            config.lmtp.listen,
+            [
+                ListenAddr::Unix("/run/letterbox/lmtp.sock".into()),
+                ListenAddr::Tcp("[::1]:2424".parse().unwrap()),
+            ]
+        );
+        let err = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[lmtp]\nlisten = [\"unix:lmtp.sock\"]\n"))
+            .extract::<Config>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a unix socket path must be absolute") && err.contains("lmtp.listen"),
+            "{err}"
+        );
     }
 }

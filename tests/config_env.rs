@@ -2,7 +2,8 @@
 //! are not configuration are ignored with a warning (in the log for
 //! `serve`, on stderr for the admin commands) while a misspelt key of a
 //! section is still an error; the log is coloured only on a terminal and
-//! never under `NO_COLOR`.
+//! never under `NO_COLOR`; `check` reports the LMTP listeners and warns
+//! about a public one.
 
 mod common;
 
@@ -243,4 +244,71 @@ fn open_pty() -> (OwnedFd, OwnedFd) {
         assert!(slave >= 0, "open the pty slave");
         (master, OwnedFd::from_raw_fd(slave))
     }
+}
+
+/// `check` with these extra lines in the config file; (exit ok, stdout).
+fn check_with(extra: &str) -> (bool, String, tempfile::TempDir) {
+    let (dir, config) = setup();
+    let mut file = std::fs::read_to_string(&config).unwrap();
+    file.push_str(extra);
+    std::fs::write(&config, file).unwrap();
+    let mut command = letterbox(&config);
+    command.arg("check");
+    let out = run(command);
+    assert_eq!(text(&out.stderr), "");
+    (out.status.success(), text(&out.stdout), dir)
+}
+
+/// The lines `check` prints before its LMTP lines, for a [`setup`] in `dir`.
+fn check_head(dir: &Path) -> String {
+    format!(
+        "ok    config: loaded {config}\n\
+         ok    database: sqlite://{db} reachable and migrated\n\
+         ok    maildir root: {root} is writable\n\
+         ok    tls: not configured; STARTTLS will not be offered\n",
+        config = dir.join("letterbox.toml").display(),
+        db = dir.join("letterbox.db").display(),
+        root = dir.join("mail").display(),
+    )
+}
+
+#[test]
+fn an_lmtp_variable_is_checked_like_the_file() {
+    let (_dir, config) = setup();
+    let mut command = letterbox(&config);
+    command
+        .env("LETTERBOX_LMTP__LISTEN", r#"["lmtp.sock"]"#)
+        .arg("check");
+    let out = run(command);
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr),
+        "letterbox: invalid listen address \"lmtp.sock\": expected IP:PORT (127.0.0.1:2424, [::1]:2424) \
+         or unix:/ABSOLUTE/PATH for key \"LMTP.LISTEN.0\" in `LETTERBOX_` environment variable(s)\n"
+    );
+}
+
+#[test]
+fn check_says_lmtp_is_off_by_default() {
+    let (ok, stdout, dir) = check_with("");
+    assert!(ok);
+    assert_eq!(stdout, check_head(dir.path()) + "ok    lmtp: off\n");
+}
+
+#[test]
+fn check_warns_about_a_public_lmtp_address_without_failing() {
+    let (ok, stdout, dir) = check_with(
+        "[lmtp]\nlisten = [\"127.0.0.1:2424\", \"unix:/run/letterbox/lmtp.sock\", \
+         \"0.0.0.0:2424\", \"[::ffff:127.0.0.1]:2425\", \"[2001:db8::1]:24\"]\n",
+    );
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        stdout,
+        check_head(dir.path())
+            + "ok    lmtp: 127.0.0.1:2424 is a loopback address\n\
+               ok    lmtp: unix:/run/letterbox/lmtp.sock is a local socket\n\
+               WARN  lmtp: 0.0.0.0:2424 is not a loopback address; LMTP has no authentication, so anyone who can reach it can deliver mail\n\
+               ok    lmtp: [::ffff:127.0.0.1]:2425 is a loopback address\n\
+               WARN  lmtp: [2001:db8::1]:24 is not a loopback address; LMTP has no authentication, so anyone who can reach it can deliver mail\n"
+    );
 }
