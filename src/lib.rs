@@ -9,6 +9,7 @@
 //! # Map of the modules
 //! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, check).
 //! - [`config`]: the configuration as written: defaults, TOML file, `LETTERBOX_…` variables.
+//! - [`logging`]: the log on stderr, text or JSON, coloured only on a terminal without `NO_COLOR`.
 //! - [`blocking`]: blocking work moved off the async runtime, and the debug guard that proves it.
 //! - [`units`]: durations (`1h`) and sizes (`500M`) as people write them.
 //! - [`address`]: the one place addresses become canonical (case, IDNA, safe local parts).
@@ -38,6 +39,7 @@ pub mod directory;
 pub mod envelope;
 pub mod limits;
 pub mod lmtp;
+pub mod logging;
 pub mod password;
 pub mod pipeline;
 pub mod reply;

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
 use crate::pipeline::Pipeline;
@@ -134,7 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 /// `letterbox serve`.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    init_logging(&config);
+    crate::logging::init(&config);
     raise_open_files_limit(&config);
     let running = start(config).await?;
     // Installed before "ready": a SIGHUP sent as soon as the server says it
@@ -222,16 +222,4 @@ fn raise_open_files_limit(config: &Config) {
             "open files limit is below smtp.max_connections plus headroom; raise the hard limit (LimitNOFILE=) or lower smtp.max_connections"
         );
     }
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
 }

@@ -665,10 +665,6 @@ fn config_errors_name_the_key_or_file() {
         .fail(&["domain", "list"]);
     assert!(e.to_lowercase().contains("max_recipents"), "{e}");
     let e = Sandbox::new()
-        .set("LETTERBOX_BOGUS", "1")
-        .fail(&["domain", "list"]);
-    assert!(e.to_lowercase().contains("bogus"), "{e}");
-    let e = Sandbox::new()
         .set("LETTERBOX_SMTP__MAX_RECIPIENTS", "lots")
         .fail(&["domain", "list"]);
     assert!(e.to_lowercase().contains("max_recipients"), "{e}");
@@ -701,6 +697,24 @@ fn test_suite_variables_are_not_config() {
 }
 
 #[test]
+fn a_variable_outside_the_config_sections_is_ignored_with_a_warning() {
+    // Regression: a wrapper's LETTERBOX_BIN made every command fail with
+    // "unknown field: found `bin`". Only a variable whose first segment
+    // names a section or top-level key is configuration.
+    let out = Sandbox::new()
+        .set("LETTERBOX_BOGUS", "1")
+        .cmd(&["domain", "list"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "");
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        "letterbox: warning: ignoring environment variable LETTERBOX_BOGUS (not a configuration key)\n"
+    );
+}
+
+#[test]
 fn embedded_defaults_serve_a_newcomer() {
     let s = Sandbox::bare();
     assert_eq!(
@@ -713,7 +727,8 @@ fn embedded_defaults_serve_a_newcomer() {
         "ok    config: built-in defaults (no config file found)\n\
          ok    database: sqlite://letterbox.db reachable and migrated\n\
          ok    maildir root: mail is writable\n\
-         ok    tls: not configured; STARTTLS will not be offered\n"
+         ok    tls: not configured; STARTTLS will not be offered\n\
+         ok    lmtp: off\n"
     );
     assert!(s.path().join("mail").is_dir());
 }
@@ -737,7 +752,8 @@ fn config_file_in_the_working_directory_is_picked_up() {
         "ok    config: loaded letterbox.toml\n\
          ok    database: sqlite://from-file.db reachable and migrated\n\
          ok    maildir root: spool is writable\n\
-         ok    tls: not configured; STARTTLS will not be offered\n"
+         ok    tls: not configured; STARTTLS will not be offered\n\
+         ok    lmtp: off\n"
     );
 
     // --config wins over ./letterbox.toml, and the environment over both.
@@ -769,7 +785,7 @@ fn check_reports_each_failure_on_its_line() {
     assert!(!out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines.len(), 5, "{stdout}");
     assert!(lines[0].starts_with("ok    config: "), "{stdout}");
     assert!(lines[1].starts_with("ok    database: "), "{stdout}");
     assert!(
@@ -777,6 +793,7 @@ fn check_reports_each_failure_on_its_line() {
         "{stdout}"
     );
     assert!(lines[3].starts_with("ok    tls: "), "{stdout}");
+    assert_eq!(lines[4], "ok    lmtp: off", "{stdout}");
     assert_eq!(
         String::from_utf8(out.stderr).unwrap(),
         "letterbox: 1 check(s) failed\n"

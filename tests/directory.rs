@@ -1,6 +1,7 @@
 //! The directory's behaviour, written once and run on every backend:
 //! SQLite always, PostgreSQL and MySQL/MariaDB when `LETTERBOX_TEST_POSTGRES`
-//! / `LETTERBOX_TEST_MYSQL` name a server (see tests/common/db.rs).
+//! / `LETTERBOX_TEST_MYSQL` name a server (see tests/common/db.rs); under
+//! CI a missing variable fails the suite instead of skipping it.
 //!
 //! Covers every admin operation (what it stores, what it refuses and that a
 //! refusal changes nothing) and `Directory::resolve` routing: mailbox, alias,
@@ -19,6 +20,39 @@ use letterbox::directory::{
 };
 
 const PLUS: Option<char> = Some('+');
+
+/// Regression: with no LETTERBOX_TEST_POSTGRES under CI, the PostgreSQL
+/// suite passed green having run nothing. Under CI a missing backend
+/// variable now panics, naming it; outside CI the suite is left out with
+/// a note.
+#[test]
+fn a_backend_suite_does_not_skip_under_ci() {
+    let panic_text = |backend: Backend, value: Option<&'static str>, ci: &'static str| {
+        let err = std::panic::catch_unwind(|| backend.admin_url_from(value, Some(ci)))
+            .expect_err("admin_url_from should have panicked");
+        *err.downcast::<String>().unwrap()
+    };
+    assert_eq!(
+        panic_text(Backend::Postgres, None, "true"),
+        "CI is set, so the Postgres suite must run, not be skipped: \
+         set LETTERBOX_TEST_POSTGRES to an admin URL (.ci/run does)"
+    );
+    assert_eq!(
+        panic_text(Backend::MySql, Some(""), "1"),
+        "CI is set, so the MySql suite must run, not be skipped: \
+         set LETTERBOX_TEST_MYSQL to an admin URL (.ci/run does)"
+    );
+    let url = "postgres://postgres@127.0.0.1:5432/postgres";
+    assert_eq!(
+        Backend::Postgres.admin_url_from(Some(url), Some("true")),
+        Some(url.to_string())
+    );
+    for ci in [None, Some(""), Some("false"), Some("FALSE"), Some("0")] {
+        assert_eq!(Backend::Postgres.admin_url_from(None, ci), None, "{ci:?}");
+        assert_eq!(Backend::MySql.admin_url_from(Some(""), ci), None, "{ci:?}");
+    }
+    assert!(common::db::is_ci(Some("true")) && common::db::is_ci(Some("yes")));
+}
 
 async fn run_on(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,8 +1,10 @@
-//! `letterbox check`: one line per check, non-zero exit on any failure.
+//! `letterbox check`: one line per check, non-zero exit on any failure. A
+//! `WARN` line points at something risky that still works; it does not
+//! change the exit code.
 
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{Config, ListenAddr};
 use crate::directory::{Directory, redact};
 
 pub async fn run(config: &Config, file: Option<&Path>) -> anyhow::Result<()> {
@@ -37,22 +39,49 @@ pub async fn run(config: &Config, file: Option<&Path>) -> anyhow::Result<()> {
     report(db, "database");
     report(check_root_writable(&config.maildir.root), "maildir root");
     let tls = match (&config.tls.cert, &config.tls.key) {
-        (Some(cert), Some(key)) => crate::tls::server_config(cert, key)
-            .map(|_| {
-                format!(
-                    "{} and {} readable and matching",
-                    cert.display(),
-                    key.display()
-                )
-            })
-            .map_err(|e| e.to_string()),
+        // A one-shot command: nothing else waits on this runtime.
+        (Some(cert), Some(key)) => {
+            crate::blocking::allowed(|| crate::tls::server_config(cert, key))
+                .map(|_| {
+                    format!(
+                        "{} and {} readable and matching",
+                        cert.display(),
+                        key.display()
+                    )
+                })
+                .map_err(|e| e.to_string())
+        }
         _ => Ok("not configured; STARTTLS will not be offered".into()),
     };
     report(tls, "tls");
+    for line in lmtp_lines(&config.lmtp.listen) {
+        println!("{line}");
+    }
     if failed > 0 {
         anyhow::bail!("{failed} check(s) failed");
     }
     Ok(())
+}
+
+/// One line per LMTP address, or one saying LMTP is off. LMTP has no
+/// authentication, so a TCP address anyone else can reach is a warning.
+fn lmtp_lines(listen: &[ListenAddr]) -> Vec<String> {
+    if listen.is_empty() {
+        return vec!["ok    lmtp: off".into()];
+    }
+    listen
+        .iter()
+        .map(|addr| match addr {
+            // An IPv4-mapped IPv6 address (::ffff:127.0.0.1) is loopback too.
+            ListenAddr::Tcp(a) if a.ip().to_canonical().is_loopback() => {
+                format!("ok    lmtp: {addr} is a loopback address")
+            }
+            ListenAddr::Tcp(_) => format!(
+                "WARN  lmtp: {addr} is not a loopback address; LMTP has no authentication, so anyone who can reach it can deliver mail"
+            ),
+            ListenAddr::Unix(_) => format!("ok    lmtp: {addr} is a local socket"),
+        })
+        .collect()
 }
 
 /// Creates the root if needed and proves a file can be written and

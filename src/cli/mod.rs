@@ -161,6 +161,12 @@ pub enum SinkCmd {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (config, file) = Config::load(cli.config.as_deref())?;
+    // `serve` logs them once its log is set up.
+    if !matches!(cli.command, Command::Serve) {
+        for warning in config.warnings() {
+            eprintln!("letterbox: warning: {warning}");
+        }
+    }
     match cli.command {
         Command::Check => check::run(&config, file.as_deref()).await,
         Command::Serve => crate::serve::run(config).await,

@@ -22,16 +22,39 @@ impl Backend {
     }
 
     /// The admin URL for this backend, or None (with a note on stderr) when
-    /// its suite is switched off.
+    /// its suite is switched off. Under CI a backend suite must run: a
+    /// missing variable panics rather than let the suite pass by skipping.
     pub fn admin_url(self) -> Option<String> {
         let var = self.env_var()?;
-        match std::env::var(var) {
-            Ok(url) if !url.is_empty() => Some(url),
+        self.admin_url_from(
+            std::env::var(var).ok().as_deref(),
+            std::env::var("CI").ok().as_deref(),
+        )
+    }
+
+    /// [`Backend::admin_url`] given the values of its variable and of `CI`.
+    pub fn admin_url_from(self, value: Option<&str>, ci: Option<&str>) -> Option<String> {
+        let var = self.env_var()?;
+        match value {
+            Some(url) if !url.is_empty() => Some(url.to_string()),
+            _ if is_ci(ci) => panic!(
+                "CI is set, so the {self:?} suite must run, not be skipped: \
+                 set {var} to an admin URL (.ci/run does)"
+            ),
             _ => {
                 eprintln!("note: {self:?} suite left out: set {var} to an admin URL to run it");
                 None
             }
         }
+    }
+}
+
+/// Whether `CI` (its value given) says we run under CI: any non-empty
+/// value but `false` or `0`, as CI services set `CI=true`.
+pub fn is_ci(ci: Option<&str>) -> bool {
+    match ci.map(str::trim) {
+        None | Some("") | Some("0") => false,
+        Some(v) => !v.eq_ignore_ascii_case("false"),
     }
 }
 

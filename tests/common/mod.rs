@@ -3,8 +3,9 @@
 //! Backend suites: SQLite always runs. PostgreSQL and MySQL run when
 //! `LETTERBOX_TEST_POSTGRES` / `LETTERBOX_TEST_MYSQL` hold an admin URL
 //! (`.ci/run` sets both); each test then gets a throwaway database of its
-//! own. When a variable is set, an unreachable server fails the test: a
-//! backend suite never passes by skipping.
+//! own. When a variable is set, an unreachable server fails the test; when
+//! `CI` is set (to anything but `false` or `0`), a missing variable fails
+//! it too: a backend suite never passes by skipping.
 
 #![allow(dead_code)]
 
