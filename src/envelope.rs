@@ -23,6 +23,9 @@ pub struct Envelope {
     /// verdict…), each ending in CRLF; every copy carries them below its
     /// Received field.
     pub headers: String,
+    /// A check quarantined the message: mailbox copies go to each
+    /// mailbox's `.Junk` folder.
+    pub quarantine: bool,
 }
 
 /// A recipient accepted at RCPT time, and where it goes.
@@ -113,6 +116,7 @@ mod tests {
                 date: "Sun, 22 Nov 2026 12:00:00 +0000".into(),
             },
             headers: String::new(),
+            quarantine: false,
         };
         assert_eq!(
             env.received_header("alice@example.org"),

@@ -50,6 +50,11 @@ impl Spool {
         }
     }
 
+    /// A new, empty spool with the same memory limit and directory.
+    pub fn empty_like(&self) -> Spool {
+        Spool::new(self.memory_limit, self.dir.clone())
+    }
+
     pub fn len(&self) -> u64 {
         self.len
     }

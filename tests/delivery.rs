@@ -65,6 +65,7 @@ fn envelope(sender: &str, rcpts: &[(&str, &[Mailbox])]) -> Envelope {
             date: DATE.into(),
         },
         headers: String::new(),
+        quarantine: false,
     }
 }
 

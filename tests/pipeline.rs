@@ -409,3 +409,42 @@ async fn tls_reload_reads_its_files_off_the_runtime() {
     assert!(rt.reload_tls().await.unwrap());
     assert!(rt.tls_available());
 }
+
+#[tokio::test]
+async fn edits_rewrite_the_message_and_quarantine_goes_to_junk() {
+    let b = bare().await;
+    let edits = vec![
+        letterbox::pipeline::Edit::DeleteHeader {
+            name: "x-forged".into(),
+            index: 1,
+        },
+        letterbox::pipeline::Edit::ChangeHeader {
+            name: "Subject".into(),
+            index: 1,
+            value: "[checked] seam".into(),
+        },
+    ];
+    let (edit, _) = Fixed::check(Stage::Data, Verdict::Modify(edits));
+    let (junk, _) = Fixed::check(Stage::Data, Verdict::Quarantine("looks like spam".into()));
+    let mut c = b.session(vec![edit, junk]);
+    through_rcpt(&mut c).await;
+    c.cmd_prefix("DATA", "354").await;
+    c.send(b"X-Forged: pass\r\nSubject: seam\r\n\r\nhello\r\n.\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250 2.0.0 Ok: delivered as "));
+    assert!(
+        b.inbox("alice").is_empty(),
+        "quarantined mail is not in INBOX"
+    );
+    let junk = b.root.join("example.org/alice/.Junk/new");
+    let files: Vec<_> = std::fs::read_dir(&junk).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let stored = std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap();
+    let (_, rest) = stored
+        .split_once("\tfor <alice@example.org>; ")
+        .unwrap()
+        .1
+        .split_once('\n')
+        .unwrap();
+    assert_eq!(rest, "Subject: [checked] seam\n\nhello\n");
+}

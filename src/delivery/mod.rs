@@ -54,6 +54,10 @@ use crate::spool::Spool;
 /// can never be a domain (domains cannot, and paths refuse leading dots).
 pub const SPOOL_DIR: &str = ".letterbox-spool";
 
+/// The Maildir++ folder quarantined mail goes to (`.Junk`), where Dovecot
+/// and mail clients look for spam.
+pub const JUNK: &str = "Junk";
+
 /// The maildirs under one root. Cheap to clone: every clone shares the
 /// same state.
 #[derive(Debug, Clone)]
@@ -162,7 +166,7 @@ impl Maildirs {
         if mailbox.quota == 0 {
             return Ok(false);
         }
-        let target = self.inner.target(mailbox)?;
+        let target = self.inner.target(mailbox, false)?;
         let (inner, quota) = (self.inner.clone(), mailbox.quota);
         tokio::task::spawn_blocking(move || {
             Ok(quota::usage(&target.mailbox, quota, &inner.names)? >= quota)
@@ -184,6 +188,7 @@ impl Maildirs {
             .map(|m| Copy {
                 headers: trace_headers(envelope, m),
                 mailbox: m.clone(),
+                junk: envelope.quarantine,
             })
             .collect();
         let inner = self.inner.clone();
@@ -205,6 +210,8 @@ type Task = Box<dyn FnOnce() -> Result<(), PathError> + Send>;
 struct Copy {
     mailbox: Mailbox,
     headers: Vec<u8>,
+    /// Quarantined: into the mailbox's `.Junk` folder.
+    junk: bool,
 }
 
 /// `Return-Path`, `Delivered-To`, `X-Original-To` for an alias, and the
@@ -302,8 +309,9 @@ fn remove_logged(path: &Path) {
 
 impl Inner {
     /// Where a mailbox's copy goes; an error for an unsafe path.
-    fn target(&self, m: &Mailbox) -> io::Result<Target> {
+    fn target(&self, m: &Mailbox, junk: bool) -> io::Result<Target> {
         let folder = match &m.tag {
+            _ if junk => Some(JUNK.to_string()),
             Some(tag) if self.subaddress_folders => maildir::folder_name(tag),
             _ => None,
         };
@@ -329,7 +337,7 @@ impl Inner {
         for copy in copies {
             let a = &copy.mailbox.address;
             let target = self
-                .target(&copy.mailbox)
+                .target(&copy.mailbox, copy.junk)
                 .map_err(|e| DeliveryError::io((self.root.join(&a.domain).join(&a.local), e)))?;
             let size = copy.headers.len() as u64 + body;
             plans.push(Plan { copy, target, size });

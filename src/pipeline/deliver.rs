@@ -248,6 +248,7 @@ mod tests {
                 date: String::new(),
             },
             headers: String::new(),
+            quarantine: false,
         }
     }
 

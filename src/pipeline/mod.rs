@@ -17,6 +17,7 @@
 
 pub mod content;
 pub mod deliver;
+pub mod edit;
 pub mod rcpt;
 
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use futures_util::future::{BoxFuture, join_all};
 
 pub use deliver::{Failure, Mode};
+pub use edit::Edit;
 pub use rcpt::Refusal;
 
 use crate::envelope::Recipient;
@@ -109,6 +111,10 @@ pub enum Verdict {
     Discard,
     /// No objection, and add these fields to every copy.
     AddHeaders(Vec<Header>),
+    /// No objection, and change the message so (data stage).
+    Modify(Vec<Edit>),
+    /// Accept, into the recipients' `.Junk` folder; the reason is logged.
+    Quarantine(String),
 }
 
 impl Verdict {
@@ -136,25 +142,51 @@ impl Verdict {
 /// The merged verdicts of one stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Go on; add these fields (possibly none) to every copy.
-    Pass(Vec<Header>),
+    /// Go on, with what the checks asked for (possibly nothing).
+    Pass(Effects),
     /// Refuse with this reply (4xx or 5xx).
     Refuse(Reply),
     /// Accept, deliver nowhere.
     Discard,
 }
 
+/// What checks asked for so far, carried by the connection (connect and
+/// helo stages) and by the transaction, and acted on at delivery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Accept and deliver nowhere.
+    pub discard: bool,
+    /// Fields for every copy, below our Received field, each ending CRLF.
+    pub headers: String,
+    /// Changes to the message, in order.
+    pub edits: Vec<Edit>,
+    /// Deliver into the `.Junk` folder, for this reason.
+    pub quarantine: Option<String>,
+}
+
+impl Effects {
+    /// Adds `other`'s effects after these.
+    pub fn extend(&mut self, other: Effects) {
+        self.discard |= other.discard;
+        self.headers.push_str(&other.headers);
+        self.edits.extend(other.edits);
+        if self.quarantine.is_none() {
+            self.quarantine = other.quarantine;
+        }
+    }
+}
+
 impl Decision {
     /// Folds a passing or discarding decision into what the connection or
     /// transaction carries; a refusal comes back as its reply.
-    pub fn apply(self, discard: &mut bool, headers: &mut String) -> Result<(), Reply> {
+    pub fn apply(self, effects: &mut Effects) -> Result<(), Reply> {
         match self {
-            Decision::Pass(fields) => {
-                headers.extend(fields.iter().map(Header::render));
+            Decision::Pass(e) => {
+                effects.extend(e);
                 Ok(())
             }
             Decision::Discard => {
-                *discard = true;
+                effects.discard = true;
                 Ok(())
             }
             Decision::Refuse(reply) => Err(reply),
@@ -224,7 +256,7 @@ impl Checks {
     /// in configuration order.
     pub async fn run(&mut self, stage: Stage, facts: Facts<'_>) -> Decision {
         if self.states.is_empty() {
-            return Decision::Pass(Vec::new());
+            return Decision::Pass(Effects::default());
         }
         let verdicts = join_all(self.states.iter_mut().map(|(_, s)| s.check(stage, facts))).await;
         let names = self.states.iter().map(|(n, _)| n.as_str());
@@ -240,13 +272,19 @@ impl Checks {
 }
 
 /// The first refusal or discard in order wins; an accept ends the stage;
-/// headers from every check before the end accumulate.
+/// headers and edits from every check before the end accumulate, and the
+/// first quarantine's reason is kept.
 fn merge<'a>(stage: Stage, verdicts: impl Iterator<Item = (&'a str, Verdict)>) -> Decision {
-    let mut headers = Vec::new();
+    let mut effects = Effects::default();
     for (check, verdict) in verdicts {
         match verdict {
             Verdict::Continue => {}
-            Verdict::AddHeaders(h) => headers.extend(h),
+            Verdict::AddHeaders(h) => effects.headers.extend(h.iter().map(Header::render)),
+            Verdict::Modify(edits) => effects.edits.extend(edits),
+            Verdict::Quarantine(reason) => {
+                tracing::info!(check, ?stage, %reason, "quarantined by a check");
+                effects.quarantine.get_or_insert(reason);
+            }
             Verdict::Accept => break,
             Verdict::Reject(reply) | Verdict::TempFail(reply) => {
                 tracing::info!(check, ?stage, reply = %reply.to_wire().trim_end(), "refused by a check");
@@ -258,7 +296,7 @@ fn merge<'a>(stage: Stage, verdicts: impl Iterator<Item = (&'a str, Verdict)>) -
             }
         }
     }
-    Decision::Pass(headers)
+    Decision::Pass(effects)
 }
 
 #[cfg(test)]
@@ -290,8 +328,27 @@ mod tests {
         ];
         assert_eq!(
             merge(Stage::Data, verdicts.into_iter()),
-            Decision::Pass(vec![h("X-A"), h("X-B")])
+            Decision::Pass(Effects {
+                headers: "X-A: v\r\nX-B: v\r\n".into(),
+                ..Effects::default()
+            })
         );
+        let verdicts = vec![
+            ("a", Verdict::Quarantine("first".into())),
+            (
+                "b",
+                Verdict::Modify(vec![Edit::AddHeader {
+                    name: "X-M".into(),
+                    value: "1".into(),
+                }]),
+            ),
+            ("c", Verdict::Quarantine("second".into())),
+        ];
+        let Decision::Pass(e) = merge(Stage::Data, verdicts.into_iter()) else {
+            panic!("quarantine and edits pass");
+        };
+        assert_eq!(e.quarantine.as_deref(), Some("first"));
+        assert_eq!(e.edits.len(), 1);
         let verdicts = vec![("a", Verdict::Discard), ("b", Verdict::reject(None))];
         assert_eq!(merge(Stage::Mail, verdicts.into_iter()), Decision::Discard);
     }

@@ -13,7 +13,7 @@ use super::session::{Next, Protocol, Read, Session, Transaction};
 use crate::config::BareLf;
 use crate::envelope::{self, Envelope, Received};
 use crate::pipeline::content::Content;
-use crate::pipeline::{Mode, Stage};
+use crate::pipeline::{Decision, Mode, Stage};
 use crate::reply::Reply;
 use crate::sink::Reservation;
 use crate::spool::Spool;
@@ -263,30 +263,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// checks and deliver it. Returns one reply per accepted RCPT for LMTP,
     /// one for the transaction for SMTP.
     async fn finish(&mut self, body: Body) -> Vec<Reply> {
-        let refused = body.refusal(self.config().smtp.bare_lf);
-        let decision = match refused {
-            Some(_) => None,
-            None => Some(self.stage(Stage::Data, None, Some(&body.spool)).await),
+        let decision = match body.refusal(self.config().smtp.bare_lf) {
+            Some(reply) => Decision::Refuse(reply),
+            None => self.stage(Stage::Data, None, Some(&body.spool)).await,
         };
         let mut tx = self
             .end_transaction()
             .expect("content only inside a transaction");
+        // The id reaches the client (and the log) only once accepted.
         let mut id = None;
-        let outcomes: Vec<Reply> = match (refused, decision) {
-            (Some(reply), _) => vec![reply],
-            (None, Some(decision)) => match decision.apply(&mut tx.discard, &mut tx.headers) {
-                Err(reply) => vec![reply],
-                Ok(()) if tx.discard => {
-                    tracing::info!(id = %tx.id, "discarded; delivered nowhere");
-                    id = Some(tx.id.clone());
-                    vec![Reply::delivered(&tx.id)]
-                }
-                Ok(()) => {
-                    id = Some(tx.id.clone());
-                    self.deliver(&mut tx, body.spool, body.reservation).await
-                }
-            },
-            (None, None) => unreachable!("a decision is made when nothing refused"),
+        let outcomes: Vec<Reply> = match decision.apply(&mut tx.effects) {
+            Err(reply) => vec![reply],
+            Ok(()) if tx.effects.discard => {
+                tracing::info!(id = %tx.id, "discarded; delivered nowhere");
+                id = Some(tx.id.clone());
+                vec![Reply::delivered(&tx.id)]
+            }
+            Ok(()) => {
+                id = Some(tx.id.clone());
+                self.deliver(&mut tx, body.spool, body.reservation).await
+            }
         };
         let replies = self.replies_for(&tx, outcomes);
         tracing::info!(
@@ -312,6 +308,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         spool: Spool,
         reservation: Option<Reservation>,
     ) -> Vec<Reply> {
+        let spool = match std::mem::take(&mut tx.effects.edits) {
+            edits if edits.is_empty() => spool,
+            edits => {
+                let rewritten = crate::blocking::run("rewriting a message", move || {
+                    crate::pipeline::edit::rewrite(&spool, &edits)
+                })
+                .await;
+                match rewritten {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::error!(id = %tx.id, error = %e, "a check's change to the message failed");
+                        return vec![Reply::local_error()];
+                    }
+                    Err(e) => {
+                        tracing::error!(id = %tx.id, error = %e, "a check's change to the message failed");
+                        return vec![Reply::local_error()];
+                    }
+                }
+            }
+        };
         let envelope = Envelope {
             id: tx.id.clone(),
             sender: tx.sender.clone(),
@@ -330,7 +346,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 tls: self.conn.tls.clone(),
                 date: envelope::rfc5322_now(),
             },
-            headers: std::mem::take(&mut tx.headers),
+            headers: std::mem::take(&mut tx.effects.headers),
+            quarantine: tx.effects.quarantine.is_some(),
         };
         let mode = match self.protocol {
             Protocol::Smtp => Mode::AllOrNothing,

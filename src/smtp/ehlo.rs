@@ -19,7 +19,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.helo = Some(host.clone());
         self.esmtp = esmtp;
         let decision = self.stage(Stage::Helo, None, None).await;
-        if let Err(reply) = decision.apply(&mut self.conn.discard, &mut self.conn.headers) {
+        if let Err(reply) = decision.apply(&mut self.conn.effects) {
             self.helo = None;
             return reply;
         }

@@ -39,13 +39,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             recipients: Vec::new(),
             accepted: Vec::new(),
             rcpt_log: Vec::new(),
-            discard: self.conn.discard,
-            headers: self.conn.headers.clone(),
+            effects: self.conn.effects.clone(),
             bdat: None,
         });
         let decision = self.stage(Stage::Mail, None, None).await;
         let tx = self.tx.as_mut().expect("begun above");
-        if let Err(reply) = decision.apply(&mut tx.discard, &mut tx.headers) {
+        if let Err(reply) = decision.apply(&mut tx.effects) {
             self.end_transaction();
             return reply;
         }

@@ -38,7 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let decision = self.stage(Stage::Rcpt, Some(&recipient), None).await;
         let tx = self.tx.as_mut().expect("checked above");
-        if let Err(reply) = decision.apply(&mut tx.discard, &mut tx.headers) {
+        if let Err(reply) = decision.apply(&mut tx.effects) {
             return reply;
         }
         let index = match tx

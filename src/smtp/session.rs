@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::command::{self, Command};
 use crate::config::Config;
 use crate::envelope::Recipient;
-use crate::pipeline::{Checks, Decision, Facts, Pipeline, Stage};
+use crate::pipeline::{Checks, Decision, Effects, Facts, Pipeline, Stage};
 use crate::reply::Reply;
 
 /// Which protocol a session speaks. They differ in the greeting verb and
@@ -52,11 +52,9 @@ pub struct Connection {
     /// The pipeline's check states for this connection; opened by the
     /// first session when the caller did not.
     pub checks: Option<Checks>,
-    /// A check at connect or helo said to discard: every message of this
-    /// connection is accepted and delivered nowhere.
-    pub discard: bool,
-    /// Fields checks at connect or helo added, for every message.
-    pub headers: String,
+    /// What checks at connect or helo asked for, for every message of
+    /// this connection (a discard, fields to add).
+    pub effects: Effects,
 }
 
 impl Connection {
@@ -67,8 +65,7 @@ impl Connection {
             rdns: None,
             rdns_name: None,
             checks: None,
-            discard: false,
-            headers: String::new(),
+            effects: Effects::default(),
         }
     }
 
@@ -112,10 +109,9 @@ pub(super) struct Transaction {
     pub accepted: Vec<usize>,
     /// Every RCPT and its reply code, for the transaction's log line.
     pub rcpt_log: Vec<(String, u16)>,
-    /// A check said to discard this message.
-    pub discard: bool,
-    /// Fields checks added so far, each ending in CRLF.
-    pub headers: String,
+    /// What checks asked for so far: the connection's, then this
+    /// message's.
+    pub effects: Effects,
     /// BDAT in progress.
     pub bdat: Option<super::data::Bdat>,
 }
@@ -204,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok((Outcome::Closed, self.conn));
             }
             let decision = self.stage(Stage::Connect, None, None).await;
-            if let Err(reply) = decision.apply(&mut self.conn.discard, &mut self.conn.headers) {
+            if let Err(reply) = decision.apply(&mut self.conn.effects) {
                 self.send_now(&reply).await?;
                 let _ = self.stream.shutdown().await;
                 return Ok((Outcome::Closed, self.conn));
@@ -318,7 +314,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> Decision {
         let Session { conn, helo, tx, .. } = self;
         let Some(checks) = conn.checks.as_mut() else {
-            return Decision::Pass(Vec::new());
+            return Decision::Pass(Effects::default());
         };
         let facts = Facts {
             ip: conn.ip,
