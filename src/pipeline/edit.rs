@@ -99,13 +99,14 @@ impl Fields {
                 let at = (*index).min(self.fields.len());
                 self.fields.insert(at, render(name, value)?);
             }
-            Edit::ChangeHeader { name, index, value } => {
-                let field = render(name, value)?;
-                match self.find(name, *index) {
-                    Some(i) => self.fields[i] = field,
-                    None => self.fields.push(field),
+            Edit::ChangeHeader { name, index, value } => match self.find(name, *index) {
+                // The field keeps the spelling of its name.
+                Some(i) => {
+                    let own = String::from_utf8_lossy(Self::name_of(&self.fields[i])).into_owned();
+                    self.fields[i] = render(&own, value)?;
                 }
-            }
+                None => self.fields.push(render(name, value)?),
+            },
             Edit::DeleteHeader { name, index } => {
                 if let Some(i) = self.find(name, *index) {
                     self.fields.remove(i);
