@@ -448,3 +448,23 @@ async fn edits_rewrite_the_message_and_quarantine_goes_to_junk() {
         .unwrap();
     assert_eq!(rest, "Subject: [checked] seam\n\nhello\n");
 }
+
+#[tokio::test]
+async fn a_check_may_drop_and_add_local_recipients_only() {
+    let b = bare().await;
+    let edits = vec![
+        letterbox::pipeline::Edit::DeleteRecipient("<alice@example.org>".into()),
+        letterbox::pipeline::Edit::AddRecipient("<bob@example.org>".into()),
+        letterbox::pipeline::Edit::AddRecipient("<someone@remote.example>".into()),
+    ];
+    let (edit, _) = Fixed::check(Stage::Data, Verdict::Modify(edits));
+    let mut c = b.session(vec![edit]);
+    through_rcpt(&mut c).await;
+    c.cmd_prefix("DATA", "354").await;
+    c.send(format!("{BODY}.\r\n").as_bytes()).await;
+    assert!(c.reply().await.starts_with("250 2.0.0 Ok: delivered as "));
+    assert!(b.inbox("alice").is_empty());
+    let bob = b.inbox("bob");
+    assert_eq!(bob.len(), 1);
+    assert!(bob[0].ends_with("\nSubject: seam\n\nhello\n"), "{}", bob[0]);
+}

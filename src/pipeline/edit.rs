@@ -11,6 +11,9 @@ use std::io;
 
 use bytes::Bytes;
 
+use super::{Failure, Pipeline};
+use crate::directory::Route;
+use crate::envelope::Recipient;
 use crate::spool::Spool;
 
 /// The most header bytes a rewrite reads; a header section larger than
@@ -40,6 +43,13 @@ pub enum Edit {
     DeleteHeader { name: String, index: usize },
     /// The whole body, CRLF line endings.
     ReplaceBody(Bytes),
+    /// Deliver to this recipient too; only a local recipient (one the
+    /// directory accepts, as at RCPT) is added, others are logged and
+    /// ignored.
+    AddRecipient(String),
+    /// Deliver nothing to this recipient (normalized address). Over LMTP
+    /// its RCPT is still answered 250: it was accepted, then dropped.
+    DeleteRecipient(String),
 }
 
 /// Why an edit cannot be applied.
@@ -112,7 +122,7 @@ impl Fields {
                     self.fields.remove(i);
                 }
             }
-            Edit::ReplaceBody(_) => {}
+            Edit::ReplaceBody(_) | Edit::AddRecipient(_) | Edit::DeleteRecipient(_) => {}
         }
         Ok(())
     }
@@ -150,8 +160,16 @@ fn render(name: &str, value: &str) -> Result<Vec<u8>, EditError> {
     Ok(out)
 }
 
+/// Whether any of `edits` changes the message itself (not the recipients).
+pub fn changes_content(edits: &[Edit]) -> bool {
+    edits
+        .iter()
+        .any(|e| !matches!(e, Edit::AddRecipient(_) | Edit::DeleteRecipient(_)))
+}
+
 /// Writes a new spool holding `spool`'s message with `edits` applied, in
-/// order. Blocking: call it through [`crate::blocking::run`].
+/// order; recipient edits are not for this. Blocking: call it through
+/// [`crate::blocking::run`].
 pub fn rewrite(spool: &Spool, edits: &[Edit]) -> Result<Spool, EditError> {
     crate::blocking::assert_off_runtime("rewriting a message");
     let mut head = Vec::new();
@@ -183,6 +201,7 @@ pub fn rewrite(spool: &Spool, edits: &[Edit]) -> Result<Spool, EditError> {
     for e in edits {
         match e {
             Edit::ReplaceBody(b) => body = Some(b),
+            Edit::AddRecipient(_) | Edit::DeleteRecipient(_) => {}
             other => fields.apply(other)?,
         }
     }
@@ -208,6 +227,95 @@ pub fn rewrite(spool: &Spool, edits: &[Edit]) -> Result<Spool, EditError> {
         }
     }
     Ok(out)
+}
+
+impl Pipeline {
+    /// Applies the recipient edits to `recipients`. Returns who gets the
+    /// message, and for each of the given recipients its place among them
+    /// (None: dropped). `in_memory` says whether the content is in memory:
+    /// a sink recipient cannot be added to a message spooled on disk.
+    pub async fn edit_recipients(
+        &self,
+        mut recipients: Vec<Recipient>,
+        edits: &[Edit],
+        in_memory: bool,
+    ) -> (Vec<Recipient>, Vec<Option<usize>>) {
+        let n = recipients.len();
+        let mut dropped = vec![false; n];
+        for e in edits {
+            match e {
+                Edit::DeleteRecipient(a) => {
+                    let a = a.trim_start_matches('<').trim_end_matches('>');
+                    match recipients
+                        .iter()
+                        .position(|r| r.address.eq_ignore_ascii_case(a))
+                    {
+                        Some(i) if i < n => dropped[i] = true,
+                        Some(i) => {
+                            recipients.remove(i);
+                        }
+                        None => tracing::info!(
+                            rcpt = a,
+                            "a check deleted a recipient the message did not have"
+                        ),
+                    }
+                }
+                Edit::AddRecipient(a) => {
+                    let a = a.trim_start_matches('<').trim_end_matches('>');
+                    match self.recipient(a).await {
+                        Ok(r) if recipients.iter().any(|x| x.address == r.address) => {}
+                        Ok(r) if matches!(*r.route, Route::Sink { .. }) && !in_memory => {
+                            tracing::warn!(
+                                rcpt = a,
+                                "a check added a sink recipient to a message on disk; not added"
+                            )
+                        }
+                        Ok(r) => recipients.push(r),
+                        Err(why) => {
+                            tracing::warn!(
+                                rcpt = a,
+                                ?why,
+                                "a check added a recipient that is not local; not added"
+                            )
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut places = Vec::with_capacity(n);
+        let mut kept = Vec::with_capacity(recipients.len());
+        for (i, r) in recipients.into_iter().enumerate() {
+            if i < n {
+                places.push((!dropped[i]).then_some(kept.len()));
+            }
+            if i >= n || !dropped[i] {
+                kept.push(r);
+            }
+        }
+        (kept, places)
+    }
+
+    /// The message with the content edits applied (a new spool), or the
+    /// same spool when there are none.
+    pub async fn edit_content(&self, spool: Spool, edits: Vec<Edit>) -> Result<Spool, Failure> {
+        if !changes_content(&edits) {
+            return Ok(spool);
+        }
+        let rewritten =
+            crate::blocking::run("rewriting a message", move || rewrite(&spool, &edits)).await;
+        match rewritten {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "a check's change to the message failed");
+                Err(Failure::Local)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a check's change to the message failed");
+                Err(Failure::Local)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -115,6 +115,9 @@ pub enum Verdict {
     Modify(Vec<Edit>),
     /// Accept, into the recipients' `.Junk` folder; the reason is logged.
     Quarantine(String),
+    /// No objection, with several effects at once (a milter's end of
+    /// message: edits and a quarantine).
+    Pass(Effects),
 }
 
 impl Verdict {
@@ -284,6 +287,12 @@ fn merge<'a>(stage: Stage, verdicts: impl Iterator<Item = (&'a str, Verdict)>) -
             Verdict::Quarantine(reason) => {
                 tracing::info!(check, ?stage, %reason, "quarantined by a check");
                 effects.quarantine.get_or_insert(reason);
+            }
+            Verdict::Pass(e) => {
+                if let Some(reason) = &e.quarantine {
+                    tracing::info!(check, ?stage, %reason, "quarantined by a check");
+                }
+                effects.extend(e);
             }
             Verdict::Accept => break,
             Verdict::Reject(reply) | Verdict::TempFail(reply) => {

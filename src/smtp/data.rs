@@ -308,30 +308,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         spool: Spool,
         reservation: Option<Reservation>,
     ) -> Vec<Reply> {
-        let spool = match std::mem::take(&mut tx.effects.edits) {
-            edits if edits.is_empty() => spool,
-            edits => {
-                let rewritten = crate::blocking::run("rewriting a message", move || {
-                    crate::pipeline::edit::rewrite(&spool, &edits)
-                })
-                .await;
-                match rewritten {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::error!(id = %tx.id, error = %e, "a check's change to the message failed");
-                        return vec![Reply::local_error()];
-                    }
-                    Err(e) => {
-                        tracing::error!(id = %tx.id, error = %e, "a check's change to the message failed");
-                        return vec![Reply::local_error()];
-                    }
-                }
-            }
+        let edits = std::mem::take(&mut tx.effects.edits);
+        let (recipients, places) = self
+            .pipeline
+            .edit_recipients(
+                std::mem::take(&mut tx.recipients),
+                &edits,
+                spool.as_memory().is_some(),
+            )
+            .await;
+        let spool = match self.pipeline.edit_content(spool, edits).await {
+            Ok(s) => s,
+            Err(f) => return vec![Reply::from(&f)],
         };
         let envelope = Envelope {
             id: tx.id.clone(),
             sender: tx.sender.clone(),
-            recipients: std::mem::take(&mut tx.recipients),
+            recipients,
             received: Received {
                 helo: self.helo.clone().unwrap_or_default(),
                 rdns: self.conn.rdns_name().await,
@@ -353,16 +346,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Protocol::Smtp => Mode::AllOrNothing,
             Protocol::Lmtp => Mode::PerRecipient,
         };
-        let outcomes = self
-            .pipeline
-            .deliver(&envelope, spool, reservation, mode)
-            .await;
-        outcomes
+        let outcomes = match envelope.recipients.is_empty() {
+            // A check dropped every recipient: accepted, delivered nowhere.
+            true => Vec::new(),
+            false => {
+                self.pipeline
+                    .deliver(&envelope, spool, reservation, mode)
+                    .await
+            }
+        };
+        let reply = |o: &Result<(), crate::pipeline::Failure>| match o {
+            Ok(()) => Reply::delivered(&envelope.id),
+            Err(f) => Reply::from(f),
+        };
+        if mode == Mode::AllOrNothing {
+            // One answer, whoever the recipients are now (a check may
+            // have added some and dropped every original).
+            let failed = outcomes.iter().find(|o| o.is_err());
+            return vec![failed.map_or_else(|| Reply::delivered(&envelope.id), reply)];
+        }
+        // One reply per recipient of the transaction, in its order.
+        places
             .iter()
-            .map(|o| match o {
-                Ok(()) => Reply::delivered(&envelope.id),
-                Err(f) => Reply::from(f),
-            })
+            .map(|p| p.map_or_else(|| Reply::delivered(&envelope.id), |j| reply(&outcomes[j])))
             .collect()
     }
 
