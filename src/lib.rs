@@ -20,6 +20,8 @@
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`smtp`]: the ESMTP server: command parser, DATA decoder, session per connection, listeners.
 //! - [`dispatch`]: hands a received transaction to the maildirs and the sink; its result is the reply.
+//! - [`endpoint`]: `inet:HOST:PORT` / `unix:/path` service addresses, as Postfix writes them.
+//! - [`milter`]: a Sendmail milter client (protocol 6) for content filters such as rspamd and OpenDKIM.
 //! - [`serve`]: `letterbox serve`, wiring the runtime together.
 //!
 //! See `docs/flow.md` for one message's path from connect to fsync.
@@ -31,7 +33,9 @@ pub mod config;
 pub mod delivery;
 pub mod directory;
 pub mod dispatch;
+pub mod endpoint;
 pub mod envelope;
+pub mod milter;
 pub mod password;
 pub mod serve;
 pub mod sink;
