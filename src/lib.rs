@@ -22,6 +22,7 @@
 //! - [`dispatch`]: hands a received transaction to the maildirs and the sink; its result is the reply.
 //! - [`endpoint`]: `inet:HOST:PORT` / `unix:/path` service addresses, as Postfix writes them.
 //! - [`milter`]: a Sendmail milter client (protocol 6) for content filters such as rspamd and OpenDKIM.
+//! - [`policy`]: a Postfix policy delegation client (SMTPD_POLICY_README) for servers such as postgrey.
 //! - [`serve`]: `letterbox serve`, wiring the runtime together.
 //!
 //! See `docs/flow.md` for one message's path from connect to fsync.
@@ -37,6 +38,7 @@ pub mod endpoint;
 pub mod envelope;
 pub mod milter;
 pub mod password;
+pub mod policy;
 pub mod serve;
 pub mod sink;
 pub mod smtp;
