@@ -6,6 +6,8 @@
 //! Sendmail form `inet:PORT@HOST` (what OpenDKIM and rspamd print in their
 //! own documentation) is accepted too.
 
+#![warn(missing_docs)]
+
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
@@ -20,7 +22,12 @@ use tokio::net::{TcpStream, UnixStream};
 pub enum Endpoint {
     /// A TCP service. The host may be a name (resolved on the blocking
     /// pool at connect time) or an IPv4/IPv6 literal without brackets.
-    Tcp { host: String, port: u16 },
+    Tcp {
+        /// A name or an address literal.
+        host: String,
+        /// The TCP port.
+        port: u16,
+    },
     /// A UNIX-domain stream socket, by absolute or relative path.
     Unix(PathBuf),
 }
@@ -116,7 +123,9 @@ impl std::str::FromStr for Endpoint {
 /// A connected TCP or UNIX-domain stream.
 #[derive(Debug)]
 pub enum Stream {
+    /// To an `inet:` endpoint.
     Tcp(TcpStream),
+    /// To a `unix:` endpoint.
     Unix(UnixStream),
 }
 

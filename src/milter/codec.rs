@@ -60,25 +60,45 @@ pub mod cmd {
 
 /// Reply bytes a milter sends (`SMFIR_*`).
 pub mod reply {
+    /// Add a recipient (`SMFIR_ADDRCPT`).
     pub const ADD_RCPT: u8 = b'+';
+    /// Delete a recipient (`SMFIR_DELRCPT`).
     pub const DEL_RCPT: u8 = b'-';
+    /// Add a recipient with ESMTP parameters (`SMFIR_ADDRCPT_PAR`).
     pub const ADD_RCPT_PAR: u8 = b'2';
+    /// Answer 421 and close the SMTP connection (`SMFIR_SHUTDOWN`).
     pub const SHUTDOWN: u8 = b'4';
+    /// Accept (`SMFIR_ACCEPT`).
     pub const ACCEPT: u8 = b'a';
+    /// One chunk of a replacement body (`SMFIR_REPLBODY`).
     pub const REPL_BODY: u8 = b'b';
+    /// Go on (`SMFIR_CONTINUE`).
     pub const CONTINUE: u8 = b'c';
+    /// Accept and drop the message (`SMFIR_DISCARD`).
     pub const DISCARD: u8 = b'd';
+    /// Replace the sender (`SMFIR_CHGFROM`).
     pub const CHG_FROM: u8 = b'e';
+    /// Fail the SMTP connection (`SMFIR_CONN_FAIL`).
     pub const CONN_FAIL: u8 = b'f';
+    /// Append a header field (`SMFIR_ADDHEADER`).
     pub const ADD_HEADER: u8 = b'h';
+    /// Insert a header field (`SMFIR_INSHEADER`).
     pub const INS_HEADER: u8 = b'i';
+    /// A macro list for one stage (`SMFIR_SETSYMLIST`).
     pub const SET_SYMLIST: u8 = b'l';
+    /// Change or delete a header field (`SMFIR_CHGHEADER`).
     pub const CHG_HEADER: u8 = b'm';
+    /// Still working (`SMFIR_PROGRESS`).
     pub const PROGRESS: u8 = b'p';
+    /// Quarantine the message (`SMFIR_QUARANTINE`).
     pub const QUARANTINE: u8 = b'q';
+    /// Reject (`SMFIR_REJECT`).
     pub const REJECT: u8 = b'r';
+    /// Skip further events of this kind (`SMFIR_SKIP`).
     pub const SKIP: u8 = b's';
+    /// Fail temporarily (`SMFIR_TEMPFAIL`).
     pub const TEMPFAIL: u8 = b't';
+    /// Refuse with this SMTP reply (`SMFIR_REPLYCODE`).
     pub const REPLY_CODE: u8 = b'y';
     /// The negotiation reply reuses the command byte.
     pub const OPTNEG: u8 = b'O';
@@ -124,28 +144,45 @@ impl Actions {
 pub struct ProtocolFlags(pub u32);
 
 impl ProtocolFlags {
+    /// Do not send the connect stage.
     pub const NO_CONNECT: u32 = 1 << 0;
+    /// Do not send HELO.
     pub const NO_HELO: u32 = 1 << 1;
+    /// Do not send MAIL.
     pub const NO_MAIL: u32 = 1 << 2;
+    /// Do not send RCPT.
     pub const NO_RCPT: u32 = 1 << 3;
+    /// Do not send body chunks.
     pub const NO_BODY: u32 = 1 << 4;
+    /// Do not send header fields.
     pub const NO_HEADERS: u32 = 1 << 5;
+    /// Do not send the end of headers.
     pub const NO_EOH: u32 = 1 << 6;
     /// No reply per header (Sendmail 8.13's `SMFIP_NOHREPL`).
     pub const NR_HEADER: u32 = 1 << 7;
+    /// Do not send unknown SMTP commands.
     pub const NO_UNKNOWN: u32 = 1 << 8;
+    /// Do not send DATA.
     pub const NO_DATA: u32 = 1 << 9;
     /// The MTA understands `s` (skip the rest of the body).
     pub const SKIP: u32 = 1 << 10;
     /// The milter wants rejected recipients too (letterbox never offers it).
     pub const RCPT_REJ: u32 = 1 << 11;
+    /// No reply to the connect stage.
     pub const NR_CONNECT: u32 = 1 << 12;
+    /// No reply to HELO.
     pub const NR_HELO: u32 = 1 << 13;
+    /// No reply to MAIL.
     pub const NR_MAIL: u32 = 1 << 14;
+    /// No reply to RCPT.
     pub const NR_RCPT: u32 = 1 << 15;
+    /// No reply to DATA.
     pub const NR_DATA: u32 = 1 << 16;
+    /// No reply to unknown commands.
     pub const NR_UNKNOWN: u32 = 1 << 17;
+    /// No reply to the end of headers.
     pub const NR_EOH: u32 = 1 << 18;
+    /// No reply to body chunks.
     pub const NR_BODY: u32 = 1 << 19;
     /// Header values keep their leading space, both ways.
     pub const HEADER_LEADING_SPACE: u32 = 1 << 20;
@@ -165,12 +202,19 @@ impl ProtocolFlags {
 /// negotiation reply (`SMFIM_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MacroStage {
+    /// Sent with the client's connection (`SMFIM_CONNECT`).
     Connect = 0,
+    /// Sent with HELO/EHLO.
     Helo = 1,
+    /// Sent with MAIL FROM.
     Mail = 2,
+    /// Sent with each RCPT TO.
     Rcpt = 3,
+    /// Sent with DATA.
     Data = 4,
+    /// Sent with the end of the message.
     EndOfMessage = 5,
+    /// Sent with the end of the headers.
     EndOfHeaders = 6,
 }
 
@@ -221,33 +265,52 @@ pub enum ClientAddress {
 pub enum Command<'a> {
     /// Opens the conversation: what the MTA speaks and allows.
     OptNeg {
+        /// The highest protocol version the MTA speaks.
         version: u32,
+        /// The modifications the MTA can carry out.
         actions: Actions,
+        /// The protocol flags the milter may choose from.
         protocol: ProtocolFlags,
     },
     /// Macro values for the command `stage` that follows.
     Macros {
+        /// The stage they belong to.
         stage: MacroStage,
+        /// Name and value pairs; names of more than one letter in braces.
         pairs: &'a [(String, String)],
     },
     /// The client connection: host name (or `[address]`) and address.
     Connect {
+        /// The verified client name, or `[address]` when there is none.
         hostname: &'a str,
+        /// Family, port and address.
         address: &'a ClientAddress,
     },
     /// The HELO/EHLO argument.
     Helo(&'a str),
     /// The reverse-path as written in MAIL FROM (`<a@b>`) and its parameters.
-    Mail { sender: &'a str, args: &'a [String] },
+    Mail {
+        /// `<address>`, brackets included.
+        sender: &'a str,
+        /// ESMTP parameters, one string each.
+        args: &'a [String],
+    },
     /// The forward-path as written in RCPT TO and its parameters.
     Rcpt {
+        /// `<address>`, brackets included.
         recipient: &'a str,
+        /// ESMTP parameters, one string each.
         args: &'a [String],
     },
     /// The DATA command.
     Data,
     /// One header field; the value as the milter negotiated to see it.
-    Header { name: &'a str, value: &'a str },
+    Header {
+        /// The field name, without the colon.
+        name: &'a str,
+        /// The field value; folded lines joined by LF.
+        value: &'a str,
+    },
     /// End of the header section.
     EndOfHeaders,
     /// One chunk of body, at most [`MAX_BODY_CHUNK`] bytes.
@@ -265,7 +328,10 @@ pub enum Command<'a> {
 pub enum EncodeError {
     /// A string would be cut short by its own NUL.
     #[error("{what} contains a NUL byte")]
-    Nul { what: &'static str },
+    Nul {
+        /// Which string.
+        what: &'static str,
+    },
     /// A body chunk over [`MAX_BODY_CHUNK`].
     #[error("body chunk of {0} bytes exceeds {MAX_BODY_CHUNK}")]
     ChunkTooLarge(usize),
@@ -440,18 +506,29 @@ pub enum Reply {
     /// `q`: quarantine (hold) the message, with a reason.
     Quarantine(String),
     /// `h`: append a header field.
-    AddHeader { name: String, value: String },
+    AddHeader {
+        /// The field name.
+        name: String,
+        /// The value as sent (see [`ProtocolFlags::HEADER_LEADING_SPACE`]).
+        value: String,
+    },
     /// `i`: insert a header field at `index` (0 = first).
     InsertHeader {
+        /// Where: before the `index`-th field, 0 being the top.
         index: u32,
+        /// The field name.
         name: String,
+        /// The value as sent.
         value: String,
     },
     /// `m`: change the `index`-th (1-based) field called `name`; an empty
     /// value deletes it.
     ChangeHeader {
+        /// Which occurrence of `name`, from 1 (0 is taken as 1).
         index: u32,
+        /// The field name.
         name: String,
+        /// The new value; empty to delete the field.
         value: String,
     },
     /// `b`: one chunk of a replacement body (chunks concatenate).
@@ -459,16 +536,28 @@ pub enum Reply {
     /// `+`: add a recipient.
     AddRcpt(String),
     /// `2`: add a recipient with ESMTP parameters.
-    AddRcptPar { rcpt: String, args: Option<String> },
+    AddRcptPar {
+        /// The recipient, usually in angle brackets.
+        rcpt: String,
+        /// ESMTP parameters, if any.
+        args: Option<String>,
+    },
     /// `-`: delete a recipient.
     DelRcpt(String),
     /// `e`: replace the sender, with optional ESMTP parameters.
     ChangeFrom {
+        /// The new sender, usually in angle brackets.
         sender: String,
+        /// ESMTP parameters, if any.
         args: Option<String>,
     },
     /// `l`: a macro list for one stage (only valid inside negotiation).
-    SetSymList { stage: MacroStage, macros: String },
+    SetSymList {
+        /// The stage.
+        stage: MacroStage,
+        /// Space-separated macro names.
+        macros: String,
+    },
 }
 
 /// Why bytes from a milter are not a valid reply.
@@ -479,13 +568,23 @@ pub enum DecodeError {
     Empty,
     /// A length over the caller's cap.
     #[error("packet of {len} bytes exceeds the limit of {max}")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The length the packet claims.
+        len: usize,
+        /// The caller's cap.
+        max: usize,
+    },
     /// A command byte no milter sends.
     #[error("unknown reply {0:?}")]
     UnknownReply(char),
     /// Data where none belongs, or missing where it must be.
     #[error("reply {reply:?}: {why}")]
-    Malformed { reply: char, why: &'static str },
+    Malformed {
+        /// The reply's command byte.
+        reply: char,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// A `y` reply that is no 4xx/5xx SMTP reply.
     #[error("reply code is not a 4xx or 5xx SMTP reply: {0:?}")]
     BadReplyCode(String),

@@ -17,6 +17,8 @@
 //! - [`codec`]: the wire format, pure and unit-tested byte for byte.
 //! - [`client`]: the connection, negotiation, macros per stage, timeouts.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod codec;
 
@@ -81,6 +83,7 @@ impl Response {
 /// for, in the order it sent them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndOfMessage {
+    /// The verdict on the message.
     pub response: Response,
     /// Empty unless the response lets the message through; a rejected
     /// message needs no edits.
@@ -94,33 +97,49 @@ pub struct EndOfMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Modification {
     /// Append a header field after the last one.
-    AddHeader { name: String, value: String },
-    /// Insert a header field before the `index`-th field (0 = at the top).
-    InsertHeader {
-        index: u32,
+    AddHeader {
+        /// The field name.
         name: String,
+        /// The text after the colon.
+        value: String,
+    },
+    /// Insert a header field before the `index`-th field (0 = at the top).
+    /// DKIM signers use this to put their signature first.
+    InsertHeader {
+        /// Fields to skip from the top before inserting.
+        index: u32,
+        /// The field name.
+        name: String,
+        /// The text after the colon.
         value: String,
     },
     /// Replace the `index`-th (1-based) field called `name`
     /// (case-insensitively); `value: None` deletes it. An index past the
     /// last such field changes nothing.
     ChangeHeader {
+        /// Which field of that name, from 1.
         index: u32,
+        /// The field name.
         name: String,
+        /// The new text after the colon, or `None` to delete the field.
         value: Option<String>,
     },
     /// Replace the whole body with this (CRLF line ends).
     ReplaceBody(Vec<u8>),
     /// Add a recipient, with ESMTP parameters if given.
     AddRecipient {
+        /// The address, as the milter wrote it (usually `<a@b>`).
         recipient: String,
+        /// ESMTP parameters, if any.
         args: Option<String>,
     },
     /// Remove a recipient.
     DeleteRecipient(String),
     /// Replace the envelope sender, with ESMTP parameters if given.
     ChangeSender {
+        /// The address, as the milter wrote it (usually `<a@b>`).
         sender: String,
+        /// ESMTP parameters, if any.
         args: Option<String>,
     },
 }
@@ -219,42 +238,63 @@ pub enum MilterError {
     /// The milter could not be reached (refused, no such socket, …).
     #[error("cannot connect to milter {endpoint}: {source}")]
     Connect {
+        /// The milter's address, for the log.
         endpoint: String,
+        /// What the system said (refused, no such file, …).
         source: std::io::Error,
     },
     /// Reading from or writing to the milter failed.
     #[error("milter I/O error during {during}: {source}")]
     Io {
+        /// The stage (`connect`, `helo`, `end of message`, …).
         during: &'static str,
+        /// What the system said.
         source: std::io::Error,
     },
     /// The milter closed the connection.
     #[error("milter closed the connection during {during}")]
-    Closed { during: &'static str },
+    Closed {
+        /// The stage.
+        during: &'static str,
+    },
     /// The milter did not answer in time.
     #[error("milter timed out after {after:?} during {during}")]
     Timeout {
+        /// The stage.
         during: &'static str,
+        /// The timeout that ran out.
         after: Duration,
     },
     /// The milter sent something the protocol does not allow here.
     #[error("milter protocol error during {during}: {why}")]
-    Protocol { during: &'static str, why: String },
+    Protocol {
+        /// The stage.
+        during: &'static str,
+        /// What it sent.
+        why: String,
+    },
     /// The milter's bytes do not decode.
     #[error("milter sent a bad packet during {during}: {source}")]
     Decode {
+        /// The stage.
         during: &'static str,
+        /// What is wrong with the packet.
         source: codec::DecodeError,
     },
     /// What the caller gave cannot be sent (a NUL in a string).
     #[error("cannot send to milter during {during}: {source}")]
     Encode {
+        /// The stage.
         during: &'static str,
+        /// What cannot be encoded.
         source: codec::EncodeError,
     },
     /// A stage was reported out of order (say, MAIL before connect).
     #[error("milter stage {stage} called out of order")]
-    OutOfOrder { stage: &'static str },
+    OutOfOrder {
+        /// The stage that came too early or too late.
+        stage: &'static str,
+    },
     /// An earlier error left this connection unusable.
     #[error("milter connection is unusable after an earlier error")]
     Unusable,

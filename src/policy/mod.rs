@@ -18,6 +18,8 @@
 //! - [`response`]: the answer, parsed into an [`Action`].
 //! - [`client`]: connections, reuse, reconnect, timeouts.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod request;
 pub mod response;
@@ -37,7 +39,9 @@ pub enum PolicyError {
     /// The server could not be reached (refused, no such socket, …).
     #[error("cannot connect to policy server {endpoint}: {source}")]
     Connect {
+        /// The server's address, for the log.
         endpoint: String,
+        /// What the system said (refused, no such file, …).
         source: std::io::Error,
     },
     /// Reading or writing failed on a fresh connection.
@@ -49,7 +53,10 @@ pub enum PolicyError {
     Closed,
     /// No complete answer in time.
     #[error("policy server did not answer within {after:?}")]
-    Timeout { after: Duration },
+    Timeout {
+        /// The timeout that ran out.
+        after: Duration,
+    },
     /// The answer breaks the protocol: no `action`, a line without `=`,
     /// or more bytes than the limit.
     #[error("bad answer from policy server: {0}")]

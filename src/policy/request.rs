@@ -11,9 +11,13 @@ use std::net::IpAddr;
 /// The SMTP stage a request is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ProtocolState {
+    /// The client connected.
     Connect,
+    /// EHLO.
     Ehlo,
+    /// HELO.
     Helo,
+    /// MAIL FROM.
     Mail,
     /// Greylisting servers answer here, where sender, recipient and
     /// client form their triplet.
@@ -23,7 +27,9 @@ pub enum ProtocolState {
     Data,
     /// After the message's final dot.
     EndOfMessage,
+    /// VRFY (letterbox has none).
     Vrfy,
+    /// ETRN (letterbox has none).
     Etrn,
 }
 

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod daemons;
 pub mod db;
 pub mod process;
 pub mod server;
