@@ -22,10 +22,13 @@
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`limits`]: connection limits shared by every listener.
 //! - [`runtime`]: the shared parts of a running server (directory, maildirs, sink, TLS, DNS, limits), outside any protocol.
-//! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, delivery with per-recipient outcomes.
+//! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, message edits, delivery with per-recipient outcomes.
 //! - [`reply`]: every SMTP/LMTP reply, spelled in one place, including those for pipeline outcomes.
 //! - [`smtp`]: the ESMTP/LMTP session and listeners: command parser, DATA decoder, session per connection.
 //! - [`lmtp`]: LMTP intake: binding its TCP and unix sockets.
+//! - [`endpoint`]: `inet:HOST:PORT` / `unix:/path` service addresses, as Postfix writes them.
+//! - [`milter`]: a Sendmail milter client (protocol 6) for content filters such as rspamd and OpenDKIM.
+//! - [`policy`]: a Postfix policy delegation client (SMTPD_POLICY_README) for servers such as postgrey.
 //! - [`serve`]: `letterbox serve`, wiring the runtime, the pipeline and the listeners together.
 //!
 //! See `docs/flow.md` for one message's path from connect to fsync.
@@ -36,12 +39,15 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod directory;
+pub mod endpoint;
 pub mod envelope;
 pub mod limits;
 pub mod lmtp;
 pub mod logging;
+pub mod milter;
 pub mod password;
 pub mod pipeline;
+pub mod policy;
 pub mod reply;
 pub mod runtime;
 pub mod serve;

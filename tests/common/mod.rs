@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod daemons;
 pub mod db;
 pub mod process;
 pub mod server;
