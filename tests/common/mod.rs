@@ -9,5 +9,6 @@
 #![allow(dead_code)]
 
 pub mod db;
+pub mod postfix;
 pub mod process;
 pub mod server;
