@@ -11,5 +11,6 @@
 
 pub mod daemons;
 pub mod db;
+pub mod postfix;
 pub mod process;
 pub mod server;
