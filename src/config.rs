@@ -56,6 +56,10 @@ pub struct Config {
     pub sink: SinkConfig,
     pub log: LogConfig,
     pub lmtp: LmtpConfig,
+    /// Milters, consulted in this order (`[[milters]]`).
+    pub milters: Vec<MilterConfig>,
+    /// Policy servers, consulted in this order (`[[policy]]`).
+    pub policy: Vec<PolicyConfig>,
     /// `LETTERBOX_…` variables that name no configuration key and were
     /// therefore ignored, as they were spelled. Not configuration itself:
     /// kept so that the warning can be given once the log is set up.
@@ -210,6 +214,10 @@ pub struct LmtpConfig {
     /// LMTP has no authentication, so these belong on loopback or a unix
     /// socket, never on a public address.
     pub listen: Vec<ListenAddr>,
+    /// Group of the unix sockets (mode 0660), so that another MTA's user
+    /// can be let in without being letterbox's own group: Postfix's
+    /// `lmtp` client runs as `postfix`. Unset: the server's own group.
+    pub socket_group: Option<String>,
 }
 
 /// Where a listener accepts connections. Written as a string: `IP:PORT`
@@ -292,6 +300,8 @@ impl Default for Config {
             sink: SinkConfig::default(),
             log: LogConfig::default(),
             lmtp: LmtpConfig::default(),
+            milters: Vec::new(),
+            policy: Vec::new(),
             ignored_env: Vec::new(),
         }
     }
@@ -630,4 +640,74 @@ mod tests {
             "{err}"
         );
     }
+}
+
+/// What a milter or policy server that is down or misbehaves means for
+/// the mail it was to judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    /// Go on as if it had said nothing.
+    Accept,
+    /// Refuse for now (4xx): the client retries later.
+    Tempfail,
+    /// Refuse permanently (5xx).
+    Reject,
+}
+
+/// One `[[milters]]` entry (Sendmail milter protocol 6, as Postfix speaks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MilterConfig {
+    /// `inet:HOST:PORT`, `inet6:…` or `unix:/path`, as in Postfix.
+    pub address: String,
+    /// For connecting, each command, and the end of the message.
+    #[serde(default = "milter_timeout")]
+    pub timeout: Duration,
+    /// When the milter is down or misbehaves (Postfix's
+    /// `milter_default_action`).
+    #[serde(default = "tempfail")]
+    pub default_action: DefaultAction,
+}
+
+/// When a policy server is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyStage {
+    /// Once per recipient, at RCPT (Postfix's smtpd_recipient_restrictions).
+    Rcpt,
+    /// Once per message, at the end of data (smtpd_end_of_data_restrictions).
+    Data,
+}
+
+/// One `[[policy]]` entry (Postfix's SMTPD_POLICY_README protocol).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `inet:HOST:PORT` or `unix:/path`.
+    pub address: String,
+    #[serde(default = "policy_stage")]
+    pub stage: PolicyStage,
+    #[serde(default = "policy_timeout")]
+    pub timeout: Duration,
+    /// A policy server that is down must not stop mail by default:
+    /// greylisting or a reputation check is an extra, not a gate.
+    #[serde(default = "accept")]
+    pub default_action: DefaultAction,
+}
+
+fn milter_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn policy_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn tempfail() -> DefaultAction {
+    DefaultAction::Tempfail
+}
+fn accept() -> DefaultAction {
+    DefaultAction::Accept
+}
+fn policy_stage() -> PolicyStage {
+    PolicyStage::Rcpt
 }

@@ -238,6 +238,15 @@ impl Reply {
             "Temporarily rejected by policy, try again later",
         )
     }
+    /// A content filter (milter) or policy server is down and its
+    /// default action is to fail for now (Postfix's wording).
+    pub fn filter_unavailable() -> Reply {
+        Reply::new(451, "4.7.1", "Service unavailable - try again later")
+    }
+    /// … or to refuse.
+    pub fn filter_rejected() -> Reply {
+        Reply::new(550, "5.7.1", "Command rejected")
+    }
     pub fn delivered(id: &str) -> Reply {
         Reply::new(250, "2.0.0", format!("Ok: delivered as {id}"))
     }

@@ -91,7 +91,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let mut lmtp = Vec::new();
     for addr in &config.lmtp.listen {
-        let socket = crate::lmtp::bind(addr).await?;
+        let socket = crate::lmtp::bind(addr, config.lmtp.socket_group.as_deref()).await?;
         let server = Server::with_protocol(pipeline.clone(), socket, Protocol::Lmtp);
         let bound = server.bound()?;
         tracing::info!(local = %bound, "LMTP listening");

@@ -113,6 +113,16 @@ impl Spool {
         Ok(())
     }
 
+    /// A second handle on the spool file, for reading it on another
+    /// thread while the spool stays borrowed here; an error when the
+    /// content is in memory (read it with [`Spool::as_memory`]).
+    pub fn duplicate_file(&self) -> io::Result<std::fs::File> {
+        match &self.file {
+            Some(f) => f.try_clone(),
+            None => Err(io::Error::other("the spool is in memory")),
+        }
+    }
+
     /// The whole content, if it is in memory.
     pub fn as_memory(&self) -> Option<&[u8]> {
         self.file.is_none().then_some(self.memory.as_slice())

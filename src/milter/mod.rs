@@ -19,9 +19,11 @@
 
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod client;
 pub mod codec;
 
+pub use check::MilterCheck;
 pub use client::{Milter, MilterOptions};
 pub use codec::{Actions, ClientAddress, MacroStage, Negotiation, ProtocolFlags, SmtpReply};
 
