@@ -202,6 +202,7 @@ fn dkim_signs(socket: DkimSocket) {
             .await
             .unwrap();
         // Mail from an internal host (127.0.0.1) in the signing domain.
+        eprintln!("OpenDKIM negotiated {:?}", m.negotiation());
         envelope(&mut m, "127.0.0.1", "bob@example.org", "DKIM1").await;
         let raw = message(
             "bob@example.org",
