@@ -34,9 +34,11 @@ pub async fn bind(addr: &ListenAddr, group: Option<&str>) -> anyhow::Result<Sock
         }
         ListenAddr::Unix(path) => {
             let (p, g) = (path.clone(), group.map(str::to_string));
-            crate::blocking::run("binding the LMTP socket", move || bind_unix(&p, g.as_deref()))
-                .await?
-                .with_context(|| format!("cannot listen for LMTP on unix:{}", path.display()))
+            crate::blocking::run("binding the LMTP socket", move || {
+                bind_unix(&p, g.as_deref())
+            })
+            .await?
+            .with_context(|| format!("cannot listen for LMTP on unix:{}", path.display()))
         }
     }
 }

@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
-use crate::pipeline::Pipeline;
+use crate::milter::MilterCheck;
+use crate::pipeline::{Check, Pipeline};
+use crate::policy::PolicyCheck;
 use crate::runtime::Runtime;
 use crate::sink::Sink;
 use crate::smtp::server::{Bound, Server};
@@ -75,7 +77,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let sink = Sink::new(&config.sink, config.smtp.max_message_size.0);
     let runtime = Arc::new(Runtime::new(config.clone(), directory, maildirs, sink).await?);
-    let pipeline = Arc::new(Pipeline::new(runtime.clone(), Vec::new()));
+    let pipeline = Arc::new(Pipeline::new(runtime.clone(), checks(&config)?));
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -130,6 +132,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracker,
         grace: config.smtp.shutdown_grace.0,
     })
+}
+
+/// The configured checks, in the order their verdicts are merged: milters
+/// as in Postfix's smtpd_milters, then policy servers. None by default, so
+/// the default path consults nothing.
+fn checks(config: &Config) -> anyhow::Result<Vec<Arc<dyn Check>>> {
+    let mut checks: Vec<Arc<dyn Check>> = Vec::new();
+    for m in &config.milters {
+        crate::endpoint::Endpoint::parse(&m.address).context("milters.address")?;
+        checks.push(Arc::new(MilterCheck::new(m.clone(), &config.hostname)));
+    }
+    for p in &config.policy {
+        checks.push(Arc::new(PolicyCheck::new(p).context("policy.address")?));
+    }
+    Ok(checks)
 }
 
 /// `letterbox serve`.

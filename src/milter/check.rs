@@ -269,7 +269,9 @@ fn edit(milter: &str, m: Modification) -> Option<Edit> {
             value,
         },
         Modification::ChangeHeader {
-            index, name, value: None,
+            index,
+            name,
+            value: None,
         } => Edit::DeleteHeader {
             name,
             index: index as usize,
@@ -278,7 +280,11 @@ fn edit(milter: &str, m: Modification) -> Option<Edit> {
         Modification::AddRecipient { recipient, .. } => Edit::AddRecipient(recipient),
         Modification::DeleteRecipient(r) => Edit::DeleteRecipient(r),
         Modification::ChangeSender { sender, .. } => {
-            tracing::warn!(milter, sender, "a milter asked to change the sender; not supported, ignored");
+            tracing::warn!(
+                milter,
+                sender,
+                "a milter asked to change the sender; not supported, ignored"
+            );
             return None;
         }
     })

@@ -20,10 +20,12 @@
 
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod client;
 pub mod request;
 pub mod response;
 
+pub use check::PolicyCheck;
 pub use client::{PolicyClient, PolicyOptions};
 pub use request::{PolicyRequest, ProtocolState};
 pub use response::{Action, PolicyReply};
