@@ -524,7 +524,8 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "hostname", "lmtp", "log", "maildir", "sink", "smtp", "tls"
+                "database", "hostname", "lmtp", "log", "maildir", "milters", "policy", "sink",
+                "smtp", "tls"
             ]
         );
     }
