@@ -21,6 +21,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::net::Network;
+use crate::ratelimit::Rate;
 use crate::units::{ByteSize, Duration};
 
 /// Where a config file is looked for when `--config` is not given, in order.
@@ -56,6 +58,7 @@ pub struct Config {
     pub sink: SinkConfig,
     pub log: LogConfig,
     pub lmtp: LmtpConfig,
+    pub limits: LimitsConfig,
     /// `LETTERBOX_…` variables that name no configuration key and were
     /// therefore ignored, as they were spelled. Not configuration itself:
     /// kept so that the warning can be given once the log is set up.
@@ -292,6 +295,7 @@ impl Default for Config {
             sink: SinkConfig::default(),
             log: LogConfig::default(),
             lmtp: LmtpConfig::default(),
+            limits: LimitsConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -357,6 +361,39 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
+        }
+    }
+}
+
+/// Rate limits per client (`crate::ratelimit`): each `N/DURATION`, or
+/// `""` for off. IPv6 clients count by /64; unix-socket clients and the
+/// `exempt` networks are not counted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Messages accepted per client per window; past it MAIL gets 450 4.7.1.
+    #[serde(with = "crate::ratelimit::optional")]
+    pub messages_per_ip: Option<Rate>,
+    /// Recipients accepted per client per window; past it RCPT gets 450 4.7.1.
+    #[serde(with = "crate::ratelimit::optional")]
+    pub recipients_per_ip: Option<Rate>,
+    /// New connections per client per window, beside the concurrency cap;
+    /// past it a connection gets 421 4.7.0 before the greeting.
+    #[serde(with = "crate::ratelimit::optional")]
+    pub connections_per_ip: Option<Rate>,
+    /// Networks never rate limited; loopback by default, since a local
+    /// client is the operator's own.
+    pub exempt: Vec<Network>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let rate = |n, secs| Rate::new(n, std::time::Duration::from_secs(secs));
+        LimitsConfig {
+            messages_per_ip: rate(60, 60),
+            recipients_per_ip: rate(300, 60),
+            connections_per_ip: rate(30, 60),
+            exempt: Network::loopback(),
         }
     }
 }
@@ -514,7 +551,7 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "hostname", "lmtp", "log", "maildir", "sink", "smtp", "tls"
+                "database", "hostname", "limits", "lmtp", "log", "maildir", "sink", "smtp", "tls"
             ]
         );
     }

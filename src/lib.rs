@@ -21,6 +21,8 @@
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`limits`]: connection limits shared by every listener.
+//! - [`net`]: IP networks as written in the config, and the groups clients are counted under.
+//! - [`ratelimit`]: connections, recipients and messages per client per window; the store the counts live in.
 //! - [`runtime`]: the shared parts of a running server (directory, maildirs, sink, TLS, DNS, limits), outside any protocol.
 //! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, delivery with per-recipient outcomes.
 //! - [`reply`]: every SMTP/LMTP reply, spelled in one place, including those for pipeline outcomes.
@@ -40,8 +42,10 @@ pub mod envelope;
 pub mod limits;
 pub mod lmtp;
 pub mod logging;
+pub mod net;
 pub mod password;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod reply;
 pub mod runtime;
 pub mod serve;
