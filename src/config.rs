@@ -59,6 +59,7 @@ pub struct Config {
     pub log: LogConfig,
     pub lmtp: LmtpConfig,
     pub limits: LimitsConfig,
+    pub greylist: GreylistConfig,
     /// `LETTERBOX_…` variables that name no configuration key and were
     /// therefore ignored, as they were spelled. Not configuration itself:
     /// kept so that the warning can be given once the log is set up.
@@ -296,6 +297,7 @@ impl Default for Config {
             log: LogConfig::default(),
             lmtp: LmtpConfig::default(),
             limits: LimitsConfig::default(),
+            greylist: GreylistConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -394,6 +396,35 @@ impl Default for LimitsConfig {
             recipients_per_ip: rate(300, 60),
             connections_per_ip: rate(30, 60),
             exempt: Network::loopback(),
+        }
+    }
+}
+
+/// Greylisting (`crate::greylist`): the first attempt of an unknown
+/// (client network, sender, recipient) is deferred at RCPT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GreylistConfig {
+    pub enabled: bool,
+    /// A retry earlier than this after the first attempt is deferred again.
+    pub delay: Duration,
+    /// An unretried triplet is forgotten after this long.
+    pub expire: Duration,
+    /// A triplet that passed is not greylisted again for this long after
+    /// it was last seen.
+    pub pass_for: Duration,
+    /// Clients never greylisted; replaces the default (loopback) when set.
+    pub allow: Vec<Network>,
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        GreylistConfig {
+            enabled: false,
+            delay: Duration::from_secs(5 * 60),
+            expire: Duration::from_secs(2 * 86400),
+            pass_for: Duration::from_secs(35 * 86400),
+            allow: Network::loopback(),
         }
     }
 }
@@ -521,6 +552,12 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key must be set together".into());
         }
+        if self.greylist.expire <= self.greylist.delay {
+            return bad(format!(
+                "greylist.expire ({}) must be longer than greylist.delay ({}), or no retry could pass",
+                self.greylist.expire, self.greylist.delay
+            ));
+        }
         Ok(())
     }
 
@@ -551,7 +588,8 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "hostname", "limits", "lmtp", "log", "maildir", "sink", "smtp", "tls"
+                "database", "greylist", "hostname", "limits", "lmtp", "log", "maildir", "sink",
+                "smtp", "tls"
             ]
         );
     }

@@ -245,7 +245,7 @@ impl Reply {
         Reply::new(451, "4.3.0", "Local error in processing, try again later")
     }
 
-    // ---- rate limits ----
+    // ---- rate limits and greylisting ----
 
     /// `limits.connections_per_ip`: before the greeting, then closed.
     pub fn connection_rate_exceeded() -> Reply {
@@ -270,6 +270,10 @@ impl Reply {
             "4.7.1",
             "Too many recipients from your address recently, try again later",
         )
+    }
+    /// An unknown (network, sender, recipient), or its retry too soon.
+    pub fn greylisted() -> Reply {
+        Reply::new(450, "4.7.1", "Greylisted, try again later")
     }
 }
 

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
+use crate::greylist::Greylist;
 use crate::pipeline::{Check, Pipeline};
 use crate::runtime::Runtime;
 use crate::sink::Sink;
@@ -77,10 +78,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let runtime = Arc::new(Runtime::new(config.clone(), directory, maildirs, sink).await?);
     let mut checks: Vec<Arc<dyn Check>> = Vec::new();
     checks.extend(runtime.rate_limits.check());
+    let greylist = (config.greylist.enabled)
+        .then(|| Greylist::new(&config.greylist, runtime.directory.clone()));
+    checks.extend(greylist.clone().map(|g| Arc::new(g) as Arc<dyn Check>));
     let pipeline = Arc::new(Pipeline::new(runtime.clone(), checks));
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    if let Some(g) = greylist {
+        tracker.spawn(g.purge_until(shutdown.clone()));
+    }
     let mut smtp_addrs = Vec::new();
     for addr in &config.smtp.listen {
         let listener = TcpListener::bind(addr)
