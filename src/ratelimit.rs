@@ -21,7 +21,8 @@
 //!   the limit gets through again, one at a time, once a window has passed.
 //!   Two counters per client and counter kind, whatever the rate.
 //! - **Memory** is bounded: [`MemoryStore`] holds at most [`MAX_ENTRIES`]
-//!   (client, kind) entries, about 4 MiB. A full shard first forgets the
+//!   (client, kind) entries, at most about 8 MiB
+//!   (64-byte entries in power-of-two tables). A full shard first forgets the
 //!   expired entries, then the tenth least recently used; never a panic,
 //!   never growth. A forgotten client starts again at zero, so a flood of
 //!   more distinct clients than that loosens the limits for the idle ones
@@ -664,6 +665,8 @@ mod tests {
     fn a_flood_of_a_million_addresses_stays_at_the_cap() {
         let store = MemoryStore::default();
         assert_eq!(store.capacity(), MAX_ENTRIES);
+        // 64 bytes an entry; each shard's table rounds up to 8,192 slots.
+        assert!(std::mem::size_of::<((Counter, Network), Window)>() <= 64);
         let r = rate("1/1h");
         // A busy client that keeps coming back while the flood goes on.
         let busy = client_key(ip("2001:db8::1"));
