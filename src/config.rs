@@ -21,6 +21,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::net::Network;
+use crate::ratelimit::Rate;
 use crate::units::{ByteSize, Duration};
 
 /// Where a config file is looked for when `--config` is not given, in order.
@@ -60,6 +62,8 @@ pub struct Config {
     pub milters: Vec<MilterConfig>,
     /// Policy servers, consulted in this order (`[[policy]]`).
     pub policy: Vec<PolicyConfig>,
+    pub limits: LimitsConfig,
+    pub greylist: GreylistConfig,
     /// `LETTERBOX_…` variables that name no configuration key and were
     /// therefore ignored, as they were spelled. Not configuration itself:
     /// kept so that the warning can be given once the log is set up.
@@ -302,6 +306,8 @@ impl Default for Config {
             lmtp: LmtpConfig::default(),
             milters: Vec::new(),
             policy: Vec::new(),
+            limits: LimitsConfig::default(),
+            greylist: GreylistConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -367,6 +373,68 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
+        }
+    }
+}
+
+/// Rate limits per client (`crate::ratelimit`): each `N/DURATION`, or
+/// `""` for off. IPv6 clients count by /64; unix-socket clients and the
+/// `exempt` networks are not counted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Messages accepted per client per window; past it MAIL gets 450 4.7.1.
+    #[serde(with = "crate::ratelimit::optional")]
+    pub messages_per_ip: Option<Rate>,
+    /// Recipients accepted per client per window; past it RCPT gets 450 4.7.1.
+    #[serde(with = "crate::ratelimit::optional")]
+    pub recipients_per_ip: Option<Rate>,
+    /// New connections per client per window, beside the concurrency cap;
+    /// past it a connection gets 421 4.7.0 before the greeting.
+    #[serde(with = "crate::ratelimit::optional")]
+    pub connections_per_ip: Option<Rate>,
+    /// Networks never rate limited; loopback by default, since a local
+    /// client is the operator's own.
+    pub exempt: Vec<Network>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let rate = |n, secs| Rate::new(n, std::time::Duration::from_secs(secs));
+        LimitsConfig {
+            messages_per_ip: rate(60, 60),
+            recipients_per_ip: rate(300, 60),
+            connections_per_ip: rate(30, 60),
+            exempt: Network::loopback(),
+        }
+    }
+}
+
+/// Greylisting (`crate::greylist`): the first attempt of an unknown
+/// (client network, sender, recipient) is deferred at RCPT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GreylistConfig {
+    pub enabled: bool,
+    /// A retry earlier than this after the first attempt is deferred again.
+    pub delay: Duration,
+    /// An unretried triplet is forgotten after this long.
+    pub expire: Duration,
+    /// A triplet that passed is not greylisted again for this long after
+    /// it was last seen.
+    pub pass_for: Duration,
+    /// Clients never greylisted; replaces the default (loopback) when set.
+    pub allow: Vec<Network>,
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        GreylistConfig {
+            enabled: false,
+            delay: Duration::from_secs(5 * 60),
+            expire: Duration::from_secs(2 * 86400),
+            pass_for: Duration::from_secs(35 * 86400),
+            allow: Network::loopback(),
         }
     }
 }
@@ -494,6 +562,12 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key must be set together".into());
         }
+        if self.greylist.expire <= self.greylist.delay {
+            return bad(format!(
+                "greylist.expire ({}) must be longer than greylist.delay ({}), or no retry could pass",
+                self.greylist.expire, self.greylist.delay
+            ));
+        }
         Ok(())
     }
 
@@ -524,8 +598,8 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "hostname", "lmtp", "log", "maildir", "milters", "policy", "sink",
-                "smtp", "tls"
+                "database", "greylist", "hostname", "limits", "lmtp", "log", "maildir", "milters",
+                "policy", "sink", "smtp", "tls"
             ]
         );
     }

@@ -21,6 +21,9 @@
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`limits`]: connection limits shared by every listener.
+//! - [`net`]: IP networks as written in the config, and the groups clients are counted under.
+//! - [`ratelimit`]: connections, recipients and messages per client per window; the store the counts live in.
+//! - [`greylist`]: the check that defers an unknown (network, sender, recipient) at RCPT, its state in the directory.
 //! - [`runtime`]: the shared parts of a running server (directory, maildirs, sink, TLS, DNS, limits), outside any protocol.
 //! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, message edits, delivery with per-recipient outcomes.
 //! - [`reply`]: every SMTP/LMTP reply, spelled in one place, including those for pipeline outcomes.
@@ -41,13 +44,16 @@ pub mod delivery;
 pub mod directory;
 pub mod endpoint;
 pub mod envelope;
+pub mod greylist;
 pub mod limits;
 pub mod lmtp;
 pub mod logging;
 pub mod milter;
+pub mod net;
 pub mod password;
 pub mod pipeline;
 pub mod policy;
+pub mod ratelimit;
 pub mod reply;
 pub mod runtime;
 pub mod serve;

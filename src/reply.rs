@@ -253,6 +253,37 @@ impl Reply {
     pub fn local_error() -> Reply {
         Reply::new(451, "4.3.0", "Local error in processing, try again later")
     }
+
+    // ---- rate limits and greylisting ----
+
+    /// `limits.connections_per_ip`: before the greeting, then closed.
+    pub fn connection_rate_exceeded() -> Reply {
+        Reply::new(
+            421,
+            "4.7.0",
+            "Too many connections from your address recently, try again later",
+        )
+    }
+    /// `limits.messages_per_ip`, to MAIL.
+    pub fn message_rate_exceeded() -> Reply {
+        Reply::new(
+            450,
+            "4.7.1",
+            "Too many messages from your address recently, try again later",
+        )
+    }
+    /// `limits.recipients_per_ip`, to RCPT.
+    pub fn recipient_rate_exceeded() -> Reply {
+        Reply::new(
+            450,
+            "4.7.1",
+            "Too many recipients from your address recently, try again later",
+        )
+    }
+    /// An unknown (network, sender, recipient), or its retry too soon.
+    pub fn greylisted() -> Reply {
+        Reply::new(450, "4.7.1", "Greylisted, try again later")
+    }
 }
 
 impl From<&Failure> for Reply {

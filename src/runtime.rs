@@ -1,5 +1,6 @@
 //! The shared parts of a running server, outside any protocol: the
-//! directory, the maildirs, the sink, TLS, DNS and the connection limits.
+//! directory, the maildirs, the sink, TLS, DNS, the connection limits and
+//! the rate limits.
 //! Built once from the [`Config`] (ripgrep's "hiargs": resolved objects,
 //! not values); every listener and every pipeline stage reads them here.
 
@@ -14,6 +15,7 @@ use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
 use crate::limits::Connections;
+use crate::ratelimit::RateLimits;
 use crate::sink::Sink;
 use crate::tls::TlsError;
 
@@ -34,6 +36,9 @@ pub struct Runtime {
     /// Replaced on SIGHUP; sessions take a clone when they upgrade.
     tls: RwLock<Option<TlsAcceptor>>,
     resolver: Option<hickory_resolver::TokioResolver>,
+    /// Connections, recipients and messages per client per window, one
+    /// count across all listeners (`[limits]`).
+    pub rate_limits: Arc<RateLimits>,
 }
 
 impl Runtime {
@@ -71,6 +76,7 @@ impl Runtime {
             connections: Arc::default(),
             tls: RwLock::new(None),
             resolver,
+            rate_limits: Arc::new(RateLimits::new(&config.limits)),
             config,
             directory,
             maildirs,

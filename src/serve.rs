@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
+use crate::greylist::Greylist;
 use crate::milter::MilterCheck;
 use crate::pipeline::{Check, Pipeline};
 use crate::policy::PolicyCheck;
@@ -77,10 +78,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let sink = Sink::new(&config.sink, config.smtp.max_message_size.0);
     let runtime = Arc::new(Runtime::new(config.clone(), directory, maildirs, sink).await?);
-    let pipeline = Arc::new(Pipeline::new(runtime.clone(), checks(&config)?));
+    let mut checks: Vec<Arc<dyn Check>> = Vec::new();
+    checks.extend(runtime.rate_limits.check());
+    let greylist = (config.greylist.enabled)
+        .then(|| Greylist::new(&config.greylist, runtime.directory.clone()));
+    checks.extend(greylist.clone().map(|g| Arc::new(g) as Arc<dyn Check>));
+    checks.extend(filters(&config)?);
+    let pipeline = Arc::new(Pipeline::new(runtime.clone(), checks));
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    if let Some(g) = greylist {
+        tracker.spawn(g.purge_until(shutdown.clone()));
+    }
     let mut smtp_addrs = Vec::new();
     for addr in &config.smtp.listen {
         let listener = TcpListener::bind(addr)
@@ -134,10 +144,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
-/// The configured checks, in the order their verdicts are merged: milters
+/// The configured filters, in the order their verdicts are merged: milters
 /// as in Postfix's smtpd_milters, then policy servers. None by default, so
-/// the default path consults nothing.
-fn checks(config: &Config) -> anyhow::Result<Vec<Arc<dyn Check>>> {
+/// the default path consults none.
+fn filters(config: &Config) -> anyhow::Result<Vec<Arc<dyn Check>>> {
     let mut checks: Vec<Arc<dyn Check>> = Vec::new();
     for m in &config.milters {
         crate::endpoint::Endpoint::parse(&m.address).context("milters.address")?;

@@ -1,5 +1,5 @@
-//! The SQL directory: domains, mailboxes, aliases and sink rules, on
-//! SQLite, PostgreSQL or MySQL/MariaDB.
+//! The SQL directory: domains, mailboxes, aliases and sink rules (and
+//! greylisting's triplets), on SQLite, PostgreSQL or MySQL/MariaDB.
 //!
 //! sqlx's compile-time macros cannot serve three backends, so queries are
 //! runtime strings written once with `?` placeholders; [`Directory::sql`]
@@ -8,6 +8,7 @@
 //! hot recipient lookup pays no conversion.
 
 mod admin;
+mod greylist;
 mod resolve;
 
 use std::str::FromStr;
@@ -19,6 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 pub use admin::{AliasRow, DomainRow, SinkRuleRow, UserRow};
+pub use greylist::{GreylistEntry, GreylistTimes, Greylisting, Triplet};
 pub use resolve::{Mailbox, Route};
 
 use crate::address::AddressError;

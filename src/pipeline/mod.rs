@@ -67,6 +67,12 @@ pub struct Facts<'a> {
     pub rcpt: Option<&'a Recipient>,
     /// The content (CRLF, unstuffed), at the data stage.
     pub content: Option<&'a Spool>,
+    /// The client came over a unix socket (local LMTP): `ip` is then a
+    /// stand-in, 127.0.0.1.
+    pub local: bool,
+    /// The domain SPF passed for, once an SPF check has said so; None
+    /// until then (and always, until letterbox checks SPF).
+    pub spf_pass: Option<&'a str>,
 }
 
 /// A header field a check adds to every copy, below our Received field.
@@ -211,6 +217,16 @@ pub trait CheckState: Send {
     /// early (at connect, say) and awaits it at the stage that needs the
     /// answer, so it runs beside the session instead of in front of it.
     fn check<'a>(&'a mut self, stage: Stage, facts: Facts<'a>) -> BoxFuture<'a, Verdict>;
+    /// The session accepted what a stage decided: a recipient (RCPT
+    /// answered 250) at [`Stage::Rcpt`], the message (the end of data
+    /// answered 250: delivered or discarded; over LMTP, for at least one
+    /// recipient) at [`Stage::Data`]. A check that counts what is accepted
+    /// (a rate limit) counts here, not in `check`, where a later check or
+    /// the delivery may still refuse. Called for those two stages only; at
+    /// the data stage after [`CheckState::reset`].
+    fn accepted(&mut self, _stage: Stage) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
     /// The transaction ended (delivered, refused, RSET, or the connection
     /// closed) and the next one starts clean.
     fn reset(&mut self) {}
@@ -264,6 +280,15 @@ impl Checks {
         let verdicts = join_all(self.states.iter_mut().map(|(_, s)| s.check(stage, facts))).await;
         let names = self.states.iter().map(|(n, _)| n.as_str());
         merge(stage, names.zip(verdicts))
+    }
+
+    /// Tells every check what the session accepted (see
+    /// [`CheckState::accepted`]).
+    pub async fn accepted(&mut self, stage: Stage) {
+        if self.states.is_empty() {
+            return;
+        }
+        join_all(self.states.iter_mut().map(|(_, s)| s.accepted(stage))).await;
     }
 
     /// The transaction is over; every check forgets it.

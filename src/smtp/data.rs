@@ -285,6 +285,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         let replies = self.replies_for(&tx, outcomes);
+        if replies.iter().any(|r| r.code / 100 == 2) {
+            self.accepted(Stage::Data).await;
+        }
         tracing::info!(
             id = id.as_deref().unwrap_or("-"),
             ip = %self.conn.ip,

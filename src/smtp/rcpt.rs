@@ -53,6 +53,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         tx.accepted.push(index);
+        self.accepted(Stage::Rcpt).await;
         Reply::recipient_ok()
     }
 }

@@ -1,5 +1,5 @@
 //! The listener side: accepts connections on a TCP or unix socket under
-//! the runtime's global and per-IP limits, runs a session per connection
+//! the runtime's global and per-IP limits and its connection rate limit, runs a session per connection
 //! in the listener's protocol, upgrades SMTP to TLS when a session asks,
 //! and stops accepting on shutdown while sessions finish their transaction.
 
@@ -128,6 +128,19 @@ impl Server {
                 let shutdown = shutdown.clone();
                 let protocol = self.protocol;
                 tracker.spawn(async move {
+                    // After the slot, so that a connection the caps refused
+                    // is not counted; a slot is held only for this look.
+                    let rates = &pipeline.runtime.rate_limits;
+                    if !rates.admit_connection(ip).await {
+                        drop(slot);
+                        let reply = Reply::connection_rate_exceeded();
+                        tracing::info!(?ip, reply = %reply.to_wire().trim_end(), "connection refused");
+                        match stream {
+                            Stream::Tcp(s) => refuse(s, reply).await,
+                            Stream::Unix(s) => refuse(s, reply).await,
+                        }
+                        return;
+                    }
                     let result = match stream {
                         Stream::Tcp(s) => {
                             serve_connection(pipeline, s, ip, shutdown, protocol).await

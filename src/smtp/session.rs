@@ -43,6 +43,8 @@ pub enum Outcome<S> {
 pub struct Connection {
     /// The client's address; 127.0.0.1 for a unix socket.
     pub ip: IpAddr,
+    /// A unix socket's local client (`ip` is then a stand-in).
+    pub local: bool,
     /// TLS version and cipher once TLS is active.
     pub tls: Option<String>,
     /// The reverse DNS lookup started at connect, awaited when first needed.
@@ -61,6 +63,7 @@ impl Connection {
     pub fn new(ip: IpAddr) -> Connection {
         Connection {
             ip,
+            local: false,
             tls: None,
             rdns: None,
             rdns_name: None,
@@ -72,6 +75,7 @@ impl Connection {
     /// A local client on a unix socket: no reverse lookup to wait for.
     pub fn local() -> Connection {
         let mut c = Connection::new(IpAddr::from([127, 0, 0, 1]));
+        c.local = true;
         c.rdns_name = Some(Some("localhost".into()));
         c
     }
@@ -325,8 +329,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             recipients: tx.as_ref().map_or(&[], |t| t.recipients.as_slice()),
             rcpt,
             content,
+            local: conn.local,
+            // No SPF check yet; when one exists, the domain it passed for.
+            spf_pass: None,
         };
         checks.run(stage, facts).await
+    }
+
+    /// Tells the checks the session accepted what `stage` decided.
+    pub(super) async fn accepted(&mut self, stage: Stage) {
+        if let Some(checks) = self.conn.checks.as_mut() {
+            checks.accepted(stage).await;
+        }
     }
 
     /// Ends the transaction, if any, and lets every check forget it.
