@@ -46,7 +46,7 @@ use self::dirsync::DirSyncs;
 use self::maildir::{KnownDirs, Names, PathError, Target};
 use self::parallel::Parallel;
 use crate::config::MaildirConfig;
-use crate::directory::{Mailbox, Route};
+use crate::directory::Mailbox;
 use crate::envelope::Envelope;
 use crate::spool::Spool;
 
@@ -234,7 +234,7 @@ fn recipient_of(envelope: &Envelope, m: &Mailbox) -> String {
     envelope
         .recipients
         .iter()
-        .find(|r| matches!(&*r.route, Route::Mailboxes(v) if v.iter().any(|x| x.address == m.address)))
+        .find(|r| r.route.mailboxes().iter().any(|x| x.address == m.address))
         .map(|r| r.address.clone())
         .or_else(|| m.original.clone())
         .unwrap_or_else(|| m.address.to_string())

@@ -8,6 +8,7 @@
 //! hot recipient lookup pays no conversion.
 
 mod admin;
+pub mod pipe;
 mod resolve;
 
 use std::str::FromStr;
@@ -19,7 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 pub use admin::{AliasRow, DomainRow, SinkRuleRow, UserRow};
-pub use resolve::{Mailbox, Route};
+pub use resolve::{Mailbox, Pipe, Route};
 
 use crate::address::AddressError;
 

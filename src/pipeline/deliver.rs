@@ -164,9 +164,10 @@ struct Unit {
 fn units(envelope: &Envelope, mode: Mode) -> Vec<Unit> {
     let mut units: Vec<Unit> = Vec::new();
     for (i, r) in envelope.recipients.iter().enumerate() {
-        let Route::Mailboxes(boxes) = &*r.route else {
+        let boxes = r.route.mailboxes();
+        if boxes.is_empty() {
             continue;
-        };
+        }
         let mut depends = Vec::new();
         let mut fresh = Vec::new();
         for m in boxes {
