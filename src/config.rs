@@ -61,6 +61,8 @@ pub struct Config {
     /// kept so that the warning can be given once the log is set up.
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+    /// Command hooks (`[[hooks]]`), run in this order at their stage.
+    pub hooks: Vec<crate::hooks::HookConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -293,6 +295,7 @@ impl Default for Config {
             log: LogConfig::default(),
             lmtp: LmtpConfig::default(),
             ignored_env: Vec::new(),
+            hooks: Vec::new(),
         }
     }
 }
@@ -514,7 +517,7 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "hostname", "lmtp", "log", "maildir", "sink", "smtp", "tls"
+                "database", "hooks", "hostname", "lmtp", "log", "maildir", "sink", "smtp", "tls"
             ]
         );
     }

@@ -17,10 +17,12 @@
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
 //! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping.
+//! - [`process`]: external programs (hooks, pipe commands): no shell, clean environment, bounded output, killed with their process group at a timeout.
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`limits`]: connection limits shared by every listener.
 //! - [`runtime`]: the shared parts of a running server (directory, maildirs, sink, TLS, DNS, limits), outside any protocol.
+//! - [`hooks`]: command hooks, chasquid-compatible programs that decide at a stage, as one pipeline check.
 //! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, delivery with per-recipient outcomes.
 //! - [`reply`]: every SMTP/LMTP reply, spelled in one place, including those for pipeline outcomes.
 //! - [`smtp`]: the ESMTP/LMTP session and listeners: command parser, DATA decoder, session per connection.
@@ -36,10 +38,12 @@ pub mod config;
 pub mod delivery;
 pub mod directory;
 pub mod envelope;
+pub mod hooks;
 pub mod limits;
 pub mod lmtp;
 pub mod password;
 pub mod pipeline;
+pub mod process;
 pub mod reply;
 pub mod runtime;
 pub mod serve;

@@ -14,7 +14,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, LogFormat};
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
-use crate::pipeline::Pipeline;
+use crate::hooks::Hooks;
+use crate::pipeline::{Check, Pipeline};
 use crate::runtime::Runtime;
 use crate::sink::Sink;
 use crate::smtp::server::{Bound, Server};
@@ -75,7 +76,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let sink = Sink::new(&config.sink, config.smtp.max_message_size.0);
     let runtime = Arc::new(Runtime::new(config.clone(), directory, maildirs, sink).await?);
-    let pipeline = Arc::new(Pipeline::new(runtime.clone(), Vec::new()));
+    let mut checks: Vec<Arc<dyn Check>> = Vec::new();
+    // Only when configured: without hooks no stage pays for them.
+    if !config.hooks.is_empty() {
+        checks.push(Arc::new(Hooks::new(&config.hooks)?));
+        tracing::info!(hooks = config.hooks.len(), "command hooks configured");
+    }
+    let pipeline = Arc::new(Pipeline::new(runtime.clone(), checks));
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();

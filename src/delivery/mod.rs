@@ -30,7 +30,7 @@
 
 mod cleanup;
 mod dirsync;
-mod lf;
+pub(crate) mod lf;
 mod maildir;
 mod parallel;
 mod quota;
