@@ -16,7 +16,7 @@
 //! - [`directory`]: the SQL directory on SQLite, PostgreSQL or MySQL; admin changes and RCPT-time resolution.
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
-//! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping.
+//! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping; delivery into pipe commands.
 //! - [`process`]: external programs (hooks, pipe commands): no shell, clean environment, bounded output, killed with their process group at a timeout.
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.

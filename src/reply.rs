@@ -296,6 +296,23 @@ impl Reply {
     pub fn local_error() -> Reply {
         Reply::new(451, "4.3.0", "Local error in processing, try again later")
     }
+    /// A pipe delivery exited 75 (EX_TEMPFAIL) or died of a signal.
+    pub fn pipe_tempfail() -> Reply {
+        Reply::new(
+            451,
+            "4.3.0",
+            "Delivery command failed temporarily, try again later",
+        )
+    }
+    /// A pipe delivery ran past `delivery.pipe_timeout` and was killed.
+    pub fn pipe_timeout() -> Reply {
+        Reply::new(451, "4.3.0", "Delivery command timed out, try again later")
+    }
+    /// A pipe delivery exited with another status: `detail` is the first
+    /// line of its stderr (printable ASCII, bounded), or its exit status.
+    pub fn pipe_refused(detail: &str) -> Reply {
+        Reply::new(550, "5.3.0", format!("Delivery command failed: {detail}"))
+    }
 }
 
 impl From<&Failure> for Reply {
@@ -305,6 +322,9 @@ impl From<&Failure> for Reply {
             Failure::QuotaExceeded => Reply::mailbox_full(),
             Failure::SinkFull => Reply::sink_full(),
             Failure::Local => Reply::local_error(),
+            Failure::PipeTempFail => Reply::pipe_tempfail(),
+            Failure::PipeTimeout => Reply::pipe_timeout(),
+            Failure::PipeRefused(detail) => Reply::pipe_refused(detail),
         }
     }
 }

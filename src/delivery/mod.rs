@@ -21,6 +21,9 @@
 //! in a power cut. Linking (EEXIST → another name) and fsyncing `new/` are
 //! the two things this module exists for.
 //!
+//! [`pipe`] is the other kind of local delivery: a copy handed to a
+//! command on its stdin (an alias destination `|…`).
+//!
 //! All disk work runs in `spawn_blocking`, so a slow disk stalls only the
 //! transaction waiting for it. Concurrent transactions fdatasync their files
 //! concurrently, which lets the device merge their flushes, and share `new/`
@@ -33,6 +36,7 @@ mod dirsync;
 pub(crate) mod lf;
 mod maildir;
 mod parallel;
+pub mod pipe;
 mod quota;
 
 use std::fs::{DirBuilder, File};
