@@ -33,6 +33,10 @@ pub enum AddressError {
     LocalChar(String, char),
     #[error("address {0:?} is longer than {MAX_ADDRESS} octets")]
     AddressTooLong(String),
+    /// A leading `|` marks a pipe command among alias destinations, so no
+    /// mailbox or alias may be named with one.
+    #[error("local part {0:?} may not start with \"|\", which marks a pipe command")]
+    LocalPipe(String),
 }
 
 /// A canonical address: lowercase local part and lowercase ASCII (IDNA)
@@ -159,6 +163,9 @@ pub fn local_part(input: &str, delimiter: Option<char>) -> Result<String, Addres
     if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
         return Err(AddressError::LocalDots(input.into()));
     }
+    if local.starts_with('|') {
+        return Err(AddressError::LocalPipe(input.into()));
+    }
     let atext = |c: char| {
         c.is_ascii_alphanumeric()
             || "!#$%&'*+-=?^_`{|}~.".contains(c)
@@ -236,6 +243,12 @@ mod tests {
             assert!(local_part(bad, d).is_err(), "{bad:?}");
         }
         assert!(local_part("a+b", None).is_ok());
+        // `|` inside is atext; leading, it would read as a pipe command.
+        assert_eq!(local_part("a|b", d).unwrap(), "a|b");
+        assert!(matches!(
+            local_part("|cmd", d),
+            Err(AddressError::LocalPipe(_))
+        ));
         assert!(matches!(
             local_part(&"a".repeat(65), d),
             Err(AddressError::LocalTooLong(_))

@@ -69,6 +69,10 @@ pub struct Config {
     /// kept so that the warning can be given once the log is set up.
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+    /// How copies reach targets other than maildirs (pipe commands).
+    pub delivery: DeliveryConfig,
+    /// Command hooks (`[[hooks]]`), run in this order at their stage.
+    pub hooks: Vec<crate::hooks::HookConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -309,6 +313,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             greylist: GreylistConfig::default(),
             ignored_env: Vec::new(),
+            delivery: DeliveryConfig::default(),
+            hooks: Vec::new(),
         }
     }
 }
@@ -587,6 +593,29 @@ impl Config {
     }
 }
 
+/// `[delivery]`: how copies reach targets other than maildirs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// The user pipe commands (`|…` alias destinations) run as, resolved
+    /// at start; unset: the server's own user (no switch).
+    pub pipe_user: Option<String>,
+    /// How long a pipe command may run before it is killed and the
+    /// delivery fails temporarily. The client waits for the answer to the
+    /// end of data for 10 minutes (RFC 5321 §4.5.3.2.6); 5 minutes leave
+    /// room for the maildir copies and the client's own clock.
+    pub pipe_timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            pipe_user: None,
+            pipe_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,8 +627,8 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "greylist", "hostname", "limits", "lmtp", "log", "maildir", "milters",
-                "policy", "sink", "smtp", "tls"
+                "database", "delivery", "greylist", "hooks", "hostname", "limits", "lmtp", "log",
+                "maildir", "milters", "policy", "sink", "smtp", "tls"
             ]
         );
     }

@@ -17,7 +17,8 @@
 //! - [`directory`]: the SQL directory on SQLite, PostgreSQL or MySQL; admin changes and RCPT-time resolution.
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
-//! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping.
+//! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping; delivery into pipe commands.
+//! - [`process`]: external programs (hooks, pipe commands): no shell, clean environment, bounded output, killed with their process group at a timeout.
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`limits`]: connection limits shared by every listener.
@@ -25,6 +26,7 @@
 //! - [`ratelimit`]: connections, recipients and messages per client per window; the store the counts live in.
 //! - [`greylist`]: the check that defers an unknown (network, sender, recipient) at RCPT, its state in the directory.
 //! - [`runtime`]: the shared parts of a running server (directory, maildirs, sink, TLS, DNS, limits), outside any protocol.
+//! - [`hooks`]: command hooks, chasquid-compatible programs that decide at a stage, as one pipeline check.
 //! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, message edits, delivery with per-recipient outcomes.
 //! - [`reply`]: every SMTP/LMTP reply, spelled in one place, including those for pipeline outcomes.
 //! - [`smtp`]: the ESMTP/LMTP session and listeners: command parser, DATA decoder, session per connection.
@@ -45,6 +47,7 @@ pub mod directory;
 pub mod endpoint;
 pub mod envelope;
 pub mod greylist;
+pub mod hooks;
 pub mod limits;
 pub mod lmtp;
 pub mod logging;
@@ -53,6 +56,7 @@ pub mod net;
 pub mod password;
 pub mod pipeline;
 pub mod policy;
+pub mod process;
 pub mod ratelimit;
 pub mod reply;
 pub mod runtime;

@@ -247,6 +247,58 @@ impl Reply {
     pub fn filter_rejected() -> Reply {
         Reply::new(550, "5.7.1", "Command rejected")
     }
+    /// A hook crashed, timed out or wrote what is not a verdict, and its
+    /// `on_failure` is "tempfail".
+    pub fn hook_failed() -> Reply {
+        Reply::new(
+            451,
+            "4.3.0",
+            "Temporary failure of a policy check, try again later",
+        )
+    }
+    /// A reply an external program (a hook) wrote as one line: three
+    /// digits (4 or 5 first: a refusal), an optional enhanced status of the
+    /// same class, then printable ASCII text. None for anything else. A
+    /// missing status becomes `x.7.1` (a policy refusal), since every
+    /// reply after EHLO carries one (RFC 2034 §3).
+    pub fn from_program(line: &str) -> Option<Reply> {
+        /// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets.
+        const MAX_TEXT: usize = 400;
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (code, rest) = line.split_at_checked(3)?;
+        let b = code.as_bytes();
+        let class = b[0];
+        if !matches!(class, b'4' | b'5') || !(b'0'..=b'5').contains(&b[1]) || !b[2].is_ascii_digit()
+        {
+            return None;
+        }
+        let rest = rest.strip_prefix(' ')?;
+        let status_shaped = |s: &str| {
+            let parts: Vec<&str> = s.split('.').collect();
+            parts.len() == 3
+                && parts.iter().zip([1, 3, 3]).all(|(p, max)| {
+                    !p.is_empty() && p.len() <= max && p.bytes().all(|c| c.is_ascii_digit())
+                })
+        };
+        let (first, after) = rest.split_once(' ').unwrap_or((rest, ""));
+        let (status, text) = if status_shaped(first) {
+            // RFC 3463 §2: the status's class is the reply's.
+            if first.as_bytes()[0] != class {
+                return None;
+            }
+            (first.to_string(), after)
+        } else {
+            (format!("{}.7.1", class as char), rest)
+        };
+        let text = text.trim();
+        if text.is_empty()
+            || text.len() > MAX_TEXT
+            || !text.bytes().all(|c| (b' '..=b'~').contains(&c))
+        {
+            return None;
+        }
+        Some(Reply::new(code.parse().ok()?, status, text.to_string()))
+    }
     pub fn delivered(id: &str) -> Reply {
         Reply::new(250, "2.0.0", format!("Ok: delivered as {id}"))
     }
@@ -284,6 +336,23 @@ impl Reply {
     pub fn greylisted() -> Reply {
         Reply::new(450, "4.7.1", "Greylisted, try again later")
     }
+    /// A pipe delivery exited 75 (EX_TEMPFAIL) or died of a signal.
+    pub fn pipe_tempfail() -> Reply {
+        Reply::new(
+            451,
+            "4.3.0",
+            "Delivery command failed temporarily, try again later",
+        )
+    }
+    /// A pipe delivery ran past `delivery.pipe_timeout` and was killed.
+    pub fn pipe_timeout() -> Reply {
+        Reply::new(451, "4.3.0", "Delivery command timed out, try again later")
+    }
+    /// A pipe delivery exited with another status: `detail` is the first
+    /// line of its stderr (printable ASCII, bounded), or its exit status.
+    pub fn pipe_refused(detail: &str) -> Reply {
+        Reply::new(550, "5.3.0", format!("Delivery command failed: {detail}"))
+    }
 }
 
 impl From<&Failure> for Reply {
@@ -293,6 +362,9 @@ impl From<&Failure> for Reply {
             Failure::QuotaExceeded => Reply::mailbox_full(),
             Failure::SinkFull => Reply::sink_full(),
             Failure::Local => Reply::local_error(),
+            Failure::PipeTempFail => Reply::pipe_tempfail(),
+            Failure::PipeTimeout => Reply::pipe_timeout(),
+            Failure::PipeRefused(detail) => Reply::pipe_refused(detail),
         }
     }
 }
@@ -333,5 +405,41 @@ mod tests {
             lines: vec!["a".into(), "b".into(), "c".into()],
         };
         assert_eq!(multi.to_wire(), "250-a\r\n250-b\r\n250 c\r\n");
+    }
+
+    #[test]
+    fn replies_written_by_programs() {
+        let wire = |l: &str| Reply::from_program(l).map(|r| r.to_wire());
+        assert_eq!(
+            wire("550 5.7.1 spam detected\n").as_deref(),
+            Some("550 5.7.1 spam detected\r\n")
+        );
+        assert_eq!(
+            wire("451 4.7.28 slow down").as_deref(),
+            Some("451 4.7.28 slow down\r\n")
+        );
+        // Without a status, the policy one of the reply's class.
+        assert_eq!(
+            wire("554 no thanks").as_deref(),
+            Some("554 5.7.1 no thanks\r\n")
+        );
+        for bad in [
+            "spam detected",
+            "250 2.0.0 fine",
+            "550",
+            "550 ",
+            "5501 x",
+            "560 x",
+            "550-5.7.1 x",
+            "550 5.7.1 caf\u{e9}",
+            "550 5.7.1 a\tb",
+            "550 5.7.1 ",
+            "450 4.2.0",
+            "550 4.7.1 class mismatch",
+            "¡No pasarán!",
+        ] {
+            assert_eq!(wire(bad), None, "{bad:?}");
+        }
+        assert_eq!(wire(&format!("550 {}", "x".repeat(401))), None);
     }
 }

@@ -1,6 +1,6 @@
 //! The shared parts of a running server, outside any protocol: the
-//! directory, the maildirs, the sink, TLS, DNS, the connection limits and
-//! the rate limits.
+//! directory, the maildirs, pipe commands, the sink, TLS, DNS, the
+//! connection limits and the rate limits.
 //! Built once from the [`Config`] (ripgrep's "hiargs": resolved objects,
 //! not values); every listener and every pipeline stage reads them here.
 
@@ -13,6 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::address;
 use crate::config::Config;
 use crate::delivery::Maildirs;
+use crate::delivery::pipe::Pipes;
 use crate::directory::Directory;
 use crate::limits::Connections;
 use crate::ratelimit::RateLimits;
@@ -26,6 +27,8 @@ pub struct Runtime {
     pub hostname: String,
     pub directory: Directory,
     pub maildirs: Maildirs,
+    /// How pipe commands (`|…` alias destinations) run.
+    pub pipes: Pipes,
     pub sink: Sink,
     /// The subaddress delimiter, if subaddressing is on.
     pub delimiter: Option<char>,
@@ -69,7 +72,9 @@ impl Runtime {
         } else {
             None
         };
+        let pipes = Pipes::new(&config.delivery).await?;
         let rt = Runtime {
+            pipes,
             hostname: config.hostname.clone(),
             delimiter: config.subaddress_delimiter(),
             static_rules: Arc::new(static_rules),

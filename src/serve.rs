@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
 use crate::greylist::Greylist;
+use crate::hooks::Hooks;
 use crate::milter::MilterCheck;
 use crate::pipeline::{Check, Pipeline};
 use crate::policy::PolicyCheck;
@@ -84,6 +85,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .then(|| Greylist::new(&config.greylist, runtime.directory.clone()));
     checks.extend(greylist.clone().map(|g| Arc::new(g) as Arc<dyn Check>));
     checks.extend(filters(&config)?);
+    // Only when configured: without hooks no stage pays for them.
+    if !config.hooks.is_empty() {
+        checks.push(Arc::new(Hooks::new(&config.hooks)?));
+        tracing::info!(hooks = config.hooks.len(), "command hooks configured");
+    }
     let pipeline = Arc::new(Pipeline::new(runtime.clone(), checks));
 
     let shutdown = CancellationToken::new();

@@ -171,6 +171,14 @@ impl Spool {
         }
     }
 
+    /// A second descriptor of the spool's file, or None while the content
+    /// is in memory: for positional reads on the blocking pool by code that
+    /// holds the spool only by reference (the pool needs owned values).
+    /// Duplicating a descriptor does not block.
+    pub fn try_clone_file(&self) -> io::Result<Option<std::fs::File>> {
+        self.file.as_ref().map(std::fs::File::try_clone).transpose()
+    }
+
     /// A reader over the whole content from its start; independent of any
     /// other reader.
     pub fn reader(&self) -> SpoolReader<'_> {

@@ -357,6 +357,94 @@ fn alias_commands() {
     );
 }
 
+/// The issue's examples: an alias that is a pipe command, and a mailbox
+/// whose own alias keeps its maildir and adds procmail.
+#[test]
+fn pipe_destinations_and_a_mailbox_beside_its_pipe() {
+    let s = populated();
+    assert_eq!(
+        s.ok(&[
+            "alias",
+            "add",
+            "issues@example.org",
+            "|/usr/local/bin/tracker --project web"
+        ]),
+        "added alias issues@example.org -> |/usr/local/bin/tracker --project web\n"
+    );
+    assert_eq!(
+        s.ok(&[
+            "alias",
+            "add",
+            "alice@example.org",
+            "alice@example.org",
+            "|/usr/bin/procmail -m /etc/letterbox/alice.rc"
+        ]),
+        "added alias alice@example.org -> alice@example.org, |/usr/bin/procmail -m /etc/letterbox/alice.rc\n"
+    );
+    assert_eq!(
+        s.ok(&["alias", "list"]),
+        "alice@example.org\tactive\t\
+         alice@example.org,|/usr/bin/procmail -m /etc/letterbox/alice.rc\n\
+         issues@example.org\tactive\t|/usr/local/bin/tracker --project web\n"
+    );
+    let before = s.snapshot();
+    for (args, message) in [
+        (
+            vec!["alias", "add", "bob@example.org", "|/usr/bin/procmail"],
+            "bob@example.org is a mailbox; an alias cannot shadow it",
+        ),
+        (
+            vec!["alias", "add", "x@example.org", "|procmail -m rc"],
+            "pipe command \"procmail\" must be an absolute path (no PATH is searched)",
+        ),
+        (
+            vec![
+                "alias",
+                "add",
+                "x@example.org",
+                "|/usr/bin/tracker \"two words\"",
+            ],
+            "pipe destination \"|/usr/bin/tracker \\\"two words\\\"\" contains '\"': no shell runs it, so quoting, variables, redirection and pipelines do not work; put them in a script",
+        ),
+        (
+            vec!["alias", "remove", "alice@example.org", "alice@example.org"],
+            "alice@example.org is a mailbox; without its own address its alias would shadow it: remove the whole alias (`letterbox alias remove alice@example.org`) or its other destinations",
+        ),
+        (
+            vec!["user", "add", "|x@example.org"],
+            "local part \"|x\" may not start with \"|\", which marks a pipe command",
+        ),
+    ] {
+        assert_eq!(s.fail(&args), format!("letterbox: {message}"), "{args:?}");
+    }
+    assert_eq!(s.snapshot(), before);
+    assert_eq!(
+        s.ok(&[
+            "alias",
+            "remove",
+            "alice@example.org",
+            "|/usr/bin/procmail -m /etc/letterbox/alice.rc"
+        ]),
+        "removed destination |/usr/bin/procmail -m /etc/letterbox/alice.rc from alias alice@example.org\n"
+    );
+    s.ok(&[
+        "alias",
+        "add",
+        "alice@example.org",
+        "|/usr/bin/procmail -m /etc/letterbox/alice.rc",
+    ]);
+    // Removing the mailbox takes its own alias with it.
+    assert_eq!(
+        s.ok(&["user", "remove", "alice@example.org"]),
+        "removed user alice@example.org; its mail stays in mail/example.org/alice\n\
+         removed its own alias (2 destination(s))\n"
+    );
+    assert_eq!(
+        s.ok(&["alias", "list"]),
+        "issues@example.org\tactive\t|/usr/local/bin/tracker --project web\n"
+    );
+}
+
 #[test]
 fn sink_commands() {
     let s = Sandbox::new();

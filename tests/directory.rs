@@ -6,8 +6,9 @@
 //! Covers every admin operation (what it stores, what it refuses and that a
 //! refusal changes nothing) and `Directory::resolve` routing: mailbox, alias,
 //! recursive alias, alias loops, catch-all, subaddress, disabled user and
-//! domain, sink rules, unknown user, foreign domain, and the
-//! `dovecot_passdb` view Dovecot logs in through.
+//! domain, sink rules, unknown user, foreign domain, pipe destinations and a
+//! mailbox's own alias rows (a pipe or a forward beside its maildir), and
+//! the `dovecot_passdb` view Dovecot logs in through.
 
 mod common;
 
@@ -16,7 +17,7 @@ use std::time::Duration;
 use common::db::{Backend, TestDb};
 use letterbox::address::Address;
 use letterbox::directory::{
-    AliasRow, Directory, DirectoryError, DomainRow, Mailbox, Route, SinkRuleRow, UserRow,
+    AliasRow, Directory, DirectoryError, DomainRow, Mailbox, Pipe, Route, SinkRuleRow, UserRow,
 };
 
 const PLUS: Option<char> = Some('+');
@@ -101,6 +102,7 @@ async fn directory_suite(dir: &Directory) {
     aliases(dir).await;
     sink_rules(dir).await;
     routing(dir).await;
+    own_aliases_and_pipes(dir).await;
     dovecot_view(dir).await;
     removal(dir).await;
 }
@@ -738,6 +740,242 @@ async fn routing(dir: &Directory) {
     );
 }
 
+fn pipe(command: &str, owner: &str, extension: Option<&str>, original: Option<&str>) -> Pipe {
+    Pipe {
+        command: command.split(' ').map(str::to_string).collect(),
+        owner: addr(owner),
+        extension: extension.map(str::to_string),
+        original: original.map(str::to_string),
+    }
+}
+
+/// Pipe destinations, and a mailbox whose own alias rows say where its mail
+/// goes (its own address among them is its maildir). Leaves the directory
+/// as it found it.
+async fn own_aliases_and_pipes(dir: &Directory) {
+    let d = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let before = dir.alias_list(None).await.unwrap();
+    let procmail = "|/usr/bin/procmail -m /etc/letterbox/alice.rc";
+    let alice = || mailbox("alice@example.org", None, None);
+
+    // The issue's example: alice keeps her maildir and gets procmail too.
+    // The command is stored with single spaces.
+    assert_eq!(
+        dir.alias_add(
+            "Alice@example.org",
+            &d(&[
+                "alice@example.org",
+                "|/usr/bin/procmail  -m /etc/letterbox/alice.rc"
+            ]),
+            PLUS
+        )
+        .await
+        .unwrap(),
+        (
+            "alice@example.org".to_string(),
+            d(&["alice@example.org", procmail])
+        )
+    );
+    let alice_pipe = pipe(&procmail[1..], "alice@example.org", None, None);
+    assert_eq!(
+        route(dir, "alice@example.org").await,
+        Route::WithPipes {
+            mailboxes: vec![alice()],
+            pipes: vec![alice_pipe.clone()],
+        }
+    );
+    // Her tag reaches both: her folder and the pipe's EXTENSION.
+    assert_eq!(
+        route(dir, "alice+News@example.org").await,
+        Route::WithPipes {
+            mailboxes: vec![mailbox("alice@example.org", Some("news"), None)],
+            pipes: vec![pipe(
+                &procmail[1..],
+                "alice@example.org",
+                Some("news"),
+                None
+            )],
+        }
+    );
+    // A disabled mailbox gets nothing, and neither do its pipes.
+    dir.user_set_active("alice@example.org", PLUS, false)
+        .await
+        .unwrap();
+    assert_eq!(route(dir, "alice@example.org").await, Route::UnknownUser);
+    dir.user_set_active("alice@example.org", PLUS, true)
+        .await
+        .unwrap();
+
+    // Through an alias: the pipe remembers who was written to.
+    let pm = Some("postmaster@example.org");
+    let mut bob = mailbox("bob@example.org", None, pm);
+    bob.quota = 2 << 30;
+    assert_eq!(
+        route(dir, "postmaster@example.org").await,
+        Route::WithPipes {
+            mailboxes: vec![mailbox("alice@example.org", None, pm), bob.clone()],
+            pipes: vec![pipe(&procmail[1..], "alice@example.org", None, pm)],
+        }
+    );
+
+    // An alias that is only a pipe; the recipient's tag is its extension.
+    dir.alias_add(
+        "issues@example.org",
+        &d(&["|/usr/local/bin/tracker --project web"]),
+        PLUS,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        route(dir, "issues+Web@example.org").await,
+        Route::WithPipes {
+            mailboxes: vec![],
+            pipes: vec![pipe(
+                "/usr/local/bin/tracker --project web",
+                "issues@example.org",
+                Some("web"),
+                None
+            )],
+        }
+    );
+
+    // Once alice's alias keeps her, more destinations may join it: a
+    // forward to bob. Mailboxes forwarding to each other stop, each once.
+    dir.alias_add("alice@example.org", &d(&["bob@example.org"]), PLUS)
+        .await
+        .unwrap();
+    dir.alias_add(
+        "bob@example.org",
+        &d(&["bob@example.org", "alice@example.org"]),
+        PLUS,
+    )
+    .await
+    .unwrap();
+    let mut bob_from_alice = bob.clone();
+    bob_from_alice.original = Some("alice@example.org".into());
+    assert_eq!(
+        route(dir, "alice@example.org").await,
+        Route::WithPipes {
+            mailboxes: vec![alice(), bob_from_alice],
+            pipes: vec![alice_pipe.clone()],
+        }
+    );
+
+    // What stays refused, and changes nothing.
+    let listed = dir.alias_list(None).await.unwrap();
+    let refusals = [
+        // A mailbox's alias without the mailbox shadows it.
+        (
+            dir.alias_add("carol@other.test", &d(&["|/usr/bin/procmail"]), PLUS)
+                .await
+                .unwrap_err(),
+            "carol@other.test is a mailbox; an alias cannot shadow it",
+        ),
+        // Its own address goes only with the whole alias.
+        (
+            dir.alias_remove("alice@example.org", Some("alice@example.org"), PLUS)
+                .await
+                .unwrap_err(),
+            "alice@example.org is a mailbox; without its own address its alias would shadow it: remove the whole alias (`letterbox alias remove alice@example.org`) or its other destinations",
+        ),
+        (
+            dir.alias_add("x@example.org", &d(&["|procmail"]), PLUS)
+                .await
+                .unwrap_err(),
+            "pipe command \"procmail\" must be an absolute path (no PATH is searched)",
+        ),
+        (
+            dir.alias_add(
+                "x@example.org",
+                &d(&["|/usr/bin/procmail > /dev/null"]),
+                PLUS,
+            )
+            .await
+            .unwrap_err(),
+            "pipe destination \"|/usr/bin/procmail > /dev/null\" contains '>': no shell runs it, so quoting, variables, redirection and pipelines do not work; put them in a script",
+        ),
+        // No mailbox or alias may look like a pipe.
+        (
+            dir.user_add("|x@example.org", PLUS, None, 0)
+                .await
+                .unwrap_err(),
+            "local part \"|x\" may not start with \"|\", which marks a pipe command",
+        ),
+        (
+            dir.alias_add("|x@example.org", &d(&["alice@example.org"]), PLUS)
+                .await
+                .unwrap_err(),
+            "local part \"|x\" may not start with \"|\", which marks a pipe command",
+        ),
+        // A mailbox with alias rows is still a mailbox.
+        (
+            dir.user_add("alice@example.org", PLUS, None, 0)
+                .await
+                .unwrap_err(),
+            "user alice@example.org exists already",
+        ),
+    ];
+    for (e, text) in &refusals {
+        assert_eq!(e.to_string(), *text);
+    }
+    assert_eq!(dir.alias_list(None).await.unwrap(), listed);
+
+    // A pipe row is removed by its command as written.
+    dir.alias_remove(
+        "issues@example.org",
+        Some("|/usr/local/bin/tracker  --project web"),
+        PLUS,
+    )
+    .await
+    .unwrap();
+    for a in ["alice@example.org", "bob@example.org"] {
+        dir.alias_remove(a, None, PLUS).await.unwrap();
+    }
+    assert_eq!(
+        route(dir, "alice@example.org").await,
+        Route::Mailboxes(vec![alice()])
+    );
+
+    // Removing a mailbox removes its own alias too: left behind, its pipe
+    // would go on receiving the mail of a mailbox that is gone.
+    dir.user_add("piped@example.org", PLUS, None, 0)
+        .await
+        .unwrap();
+    dir.alias_add(
+        "piped@example.org",
+        &d(&["piped@example.org", "|/bin/cat"]),
+        PLUS,
+    )
+    .await
+    .unwrap();
+    let (gone, pointing, own) = dir.user_remove("piped@example.org", PLUS).await.unwrap();
+    assert_eq!(
+        (gone.to_string(), pointing, own),
+        ("piped@example.org".into(), 0, 2)
+    );
+    assert_eq!(route(dir, "piped@example.org").await, Route::UnknownUser);
+
+    // A pipe command that names an address points at no mailbox: removing
+    // that address's domain leaves it alone.
+    dir.domain_add("gone.test").await.unwrap();
+    dir.alias_add("fwd@other.test", &d(&["|/usr/bin/fwd a@gone.test"]), PLUS)
+        .await
+        .unwrap();
+    dir.domain_remove("gone.test", true).await.unwrap();
+    assert_eq!(
+        dir.alias_list(Some("other.test"))
+            .await
+            .unwrap()
+            .iter()
+            .find(|a| a.source == "fwd@other.test"),
+        Some(&alias_row("fwd@other.test", &["|/usr/bin/fwd a@gone.test"]))
+    );
+    dir.alias_remove("fwd@other.test", None, PLUS)
+        .await
+        .unwrap();
+    assert_eq!(dir.alias_list(None).await.unwrap(), before);
+}
+
 async fn dovecot_view(dir: &Directory) {
     // user_password reads the dovecot_passdb view Dovecot is pointed at.
     let pw = |a: &'static str| async move { dir.user_password(&addr(a)).await.unwrap() };
@@ -788,7 +1026,7 @@ async fn removal(dir: &Directory) {
 
     // Removing a mailbox removes the alias destinations that pointed to it,
     // and an alias left without destinations goes with them.
-    let (bob, dropped) = dir.user_remove("BOB@example.org", PLUS).await.unwrap();
+    let (bob, dropped, _) = dir.user_remove("BOB@example.org", PLUS).await.unwrap();
     assert_eq!(
         (bob.to_string(), dropped),
         ("bob@example.org".to_string(), 1)

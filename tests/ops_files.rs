@@ -66,7 +66,11 @@ fn example_config_has_every_key_with_its_default() {
     let mut written = BTreeSet::new();
     for line in text.lines() {
         let line = line.trim_start_matches('#').trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            // An array of tables (`[[hooks]]`) writes the array itself.
+            written.insert(name.to_string());
+            section = format!("{name}.");
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = format!("{name}.");
         } else if let Some((key, _)) = line.split_once(" = ") {
             written.insert(format!("{section}{key}"));

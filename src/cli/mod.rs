@@ -121,7 +121,9 @@ pub enum UserCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum AliasCmd {
-    /// Point SOURCE (local@domain, or @domain for a catch-all) at local mailboxes or aliases.
+    /// Point SOURCE (local@domain, or @domain for a catch-all) at local mailboxes, aliases
+    /// or pipe commands ('|/path/to/program args', split on spaces, run without a shell).
+    /// A mailbox may be SOURCE when its own address is among the destinations.
     Add {
         source: String,
         #[arg(required = true)]

@@ -54,11 +54,14 @@ pub async fn run(dir: &Directory, config: &Config, cmd: UserCmd) -> anyhow::Resu
             })?;
         }
         UserCmd::Remove { address } => {
-            let (addr, aliases) = dir.user_remove(&address, delim).await?;
+            let (addr, aliases, own) = dir.user_remove(&address, delim).await?;
             let path = config.maildir.root.join(&addr.domain).join(&addr.local);
             println!("removed user {addr}; its mail stays in {}", path.display());
             if aliases > 0 {
                 println!("removed {aliases} alias destination(s) that pointed to it");
+            }
+            if own > 0 {
+                println!("removed its own alias ({own} destination(s))");
             }
         }
         UserCmd::Passwd { address, password } => {

@@ -21,6 +21,9 @@
 //! in a power cut. Linking (EEXIST → another name) and fsyncing `new/` are
 //! the two things this module exists for.
 //!
+//! [`pipe`] is the other kind of local delivery: a copy handed to a
+//! command on its stdin (an alias destination `|…`).
+//!
 //! All disk work runs in `spawn_blocking`, so a slow disk stalls only the
 //! transaction waiting for it. Concurrent transactions fdatasync their files
 //! concurrently, which lets the device merge their flushes, and share `new/`
@@ -30,9 +33,10 @@
 
 mod cleanup;
 mod dirsync;
-mod lf;
+pub(crate) mod lf;
 mod maildir;
 mod parallel;
+pub mod pipe;
 mod quota;
 
 use std::fs::{DirBuilder, File};
@@ -46,7 +50,7 @@ use self::dirsync::DirSyncs;
 use self::maildir::{KnownDirs, Names, PathError, Target};
 use self::parallel::Parallel;
 use crate::config::MaildirConfig;
-use crate::directory::{Mailbox, Route};
+use crate::directory::Mailbox;
 use crate::envelope::Envelope;
 use crate::spool::Spool;
 
@@ -241,7 +245,7 @@ fn recipient_of(envelope: &Envelope, m: &Mailbox) -> String {
     envelope
         .recipients
         .iter()
-        .find(|r| matches!(&*r.route, Route::Mailboxes(v) if v.iter().any(|x| x.address == m.address)))
+        .find(|r| r.route.mailboxes().iter().any(|x| x.address == m.address))
         .map(|r| r.address.clone())
         .or_else(|| m.original.clone())
         .unwrap_or_else(|| m.address.to_string())

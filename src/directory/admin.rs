@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::{Directory, DirectoryError, Result, is_unique_violation, on_pool};
+use super::{Directory, DirectoryError, Result, is_unique_violation, on_pool, pipe};
 use crate::address::{self, Address};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -93,11 +93,12 @@ impl Directory {
         // Alias destinations in other domains that pointed at its mailboxes
         // go too, as `user remove` does: left behind, they would silently
         // reach whoever reuses the name later. Domain names hold no LIKE
-        // wildcards (`%`, `_`), so the pattern matches literally.
+        // wildcards (`%`, `_`), so the pattern matches literally. A pipe
+        // command that happens to end in the domain points at no mailbox.
         let stmts = [
             ("DELETE FROM aliases WHERE domain = ?", name.clone()),
             (
-                "DELETE FROM aliases WHERE destination LIKE ?",
+                "DELETE FROM aliases WHERE destination LIKE ? AND destination NOT LIKE '|%'",
                 format!("%@{name}"),
             ),
             ("DELETE FROM users WHERE domain = ?", name.clone()),
@@ -152,6 +153,12 @@ impl Directory {
     ) -> Result<Address> {
         let addr = Address::parse(addr, delimiter)?;
         self.require_domain(&addr.domain).await?;
+        // A mailbox may have alias rows of its own; it is still a mailbox.
+        if self.user_exists(&addr).await? {
+            return Err(DirectoryError::Exists(format!(
+                "user {addr} exists already"
+            )));
+        }
         if self.alias_exists(&addr.to_string()).await? {
             return Err(DirectoryError::Conflict(format!(
                 "{addr} is an alias; remove the alias first"
@@ -200,19 +207,27 @@ impl Directory {
             .collect())
     }
 
-    /// Removes a mailbox and every alias destination pointing at it.
-    /// Returns how many alias destinations went with it.
-    pub async fn user_remove(&self, addr: &str, delimiter: Option<char>) -> Result<(Address, u64)> {
+    /// Removes a mailbox, every alias destination pointing at it, and its
+    /// own alias rows (a pipe or a forward beside its maildir), which would
+    /// otherwise go on receiving its mail. Returns how many destinations
+    /// elsewhere pointed at it and how many its own alias had.
+    pub async fn user_remove(
+        &self,
+        addr: &str,
+        delimiter: Option<char>,
+    ) -> Result<(Address, u64, u64)> {
         let addr = Address::parse(addr, delimiter)?;
         let full = addr.to_string();
         let del_user = self.sql("DELETE FROM users WHERE domain = ? AND local_part = ?");
-        let del_alias = self.sql("DELETE FROM aliases WHERE destination = ?");
-        let (users, aliases) = on_pool!(&self.pool, p => {
+        let del_alias = self.sql("DELETE FROM aliases WHERE destination = ? AND source <> ?");
+        let del_own = self.sql("DELETE FROM aliases WHERE source = ?");
+        let (users, aliases, own) = on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
             let users = sqlx::query(del_user).bind(&addr.domain).bind(&addr.local).execute(&mut *tx).await?.rows_affected();
-            let aliases = sqlx::query(del_alias).bind(&full).execute(&mut *tx).await?.rows_affected();
+            let aliases = sqlx::query(del_alias).bind(&full).bind(&full).execute(&mut *tx).await?.rows_affected();
+            let own = sqlx::query(del_own).bind(&full).execute(&mut *tx).await?.rows_affected();
             if users > 0 { tx.commit().await?; }
-            Ok::<_, sqlx::Error>((users, aliases))
+            Ok::<_, sqlx::Error>((users, aliases, own))
         })?;
         if users == 0 {
             return Err(DirectoryError::NotFound(format!(
@@ -220,7 +235,7 @@ impl Directory {
             )));
         }
         self.cache.clear();
-        Ok((addr, aliases))
+        Ok((addr, aliases, own))
     }
 
     async fn user_update<T>(
@@ -299,10 +314,7 @@ impl Directory {
     // ---- aliases ----
 
     async fn alias_exists(&self, source: &str) -> Result<bool> {
-        let sql = self.sql("SELECT COUNT(*) FROM aliases WHERE source = ?");
-        let (n,): (i64,) =
-            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(source).fetch_one(p).await)?;
-        Ok(n > 0)
+        Ok(self.destinations_of(source).await? > 0)
     }
 
     /// Normalizes an alias source: `local@domain`, or `@domain` for the
@@ -321,7 +333,12 @@ impl Directory {
     }
 
     /// Adds destinations to an alias. Each destination must be a local
-    /// mailbox or another alias; loops are caught when mail is resolved.
+    /// mailbox, another alias or a pipe command (`|/path/to/program args`,
+    /// see `pipe.rs`); loops are caught when mail is resolved.
+    ///
+    /// The source may be a mailbox only if the alias keeps the mailbox
+    /// itself among its destinations: then its rows add a pipe or a forward
+    /// beside its maildir, and never take the maildir away.
     pub async fn alias_add(
         &self,
         source: &str,
@@ -330,14 +347,22 @@ impl Directory {
     ) -> Result<(String, Vec<String>)> {
         let (source, domain) = Self::alias_source(source, delimiter)?;
         self.require_domain(&domain).await?;
-        if !source.starts_with('@')
+        let mailbox = !source.starts_with('@')
             && self
                 .user_exists(&Address::parse(&source, delimiter)?)
-                .await?
-        {
-            return Err(DirectoryError::Conflict(format!(
-                "{source} is a mailbox; an alias cannot shadow it"
-            )));
+                .await?;
+        if mailbox {
+            // Checked first, as it always was: a mailbox's alias that leaves
+            // its maildir out would shadow it.
+            let names_itself = destinations.iter().any(|d| {
+                !pipe::is_pipe(d)
+                    && Address::parse(d, delimiter).is_ok_and(|a| a.to_string() == source)
+            });
+            if !names_itself && !self.keeps_itself(&source).await? {
+                return Err(DirectoryError::Conflict(format!(
+                    "{source} is a mailbox; an alias cannot shadow it"
+                )));
+            }
         }
         if destinations.is_empty() {
             return Err(DirectoryError::Conflict(
@@ -346,18 +371,25 @@ impl Directory {
         }
         let mut dests = Vec::new();
         for d in destinations {
-            let a = Address::parse(d, delimiter)?;
-            let full = a.to_string();
-            if full == source {
-                return Err(DirectoryError::Conflict(format!(
-                    "alias {source} cannot point to itself"
-                )));
-            }
-            if !self.user_exists(&a).await? && !self.alias_exists(&full).await? {
-                return Err(DirectoryError::NotFound(format!(
-                    "destination {full} is neither a mailbox nor an alias here; destinations must be local"
-                )));
-            }
+            let full = if pipe::is_pipe(d) {
+                pipe::normalize(d)?
+            } else {
+                let a = Address::parse(d, delimiter)?;
+                let full = a.to_string();
+                if full == source {
+                    // A mailbox's own address among its rows is its maildir.
+                    if !mailbox {
+                        return Err(DirectoryError::Conflict(format!(
+                            "alias {source} cannot point to itself"
+                        )));
+                    }
+                } else if !self.user_exists(&a).await? && !self.alias_exists(&full).await? {
+                    return Err(DirectoryError::NotFound(format!(
+                        "destination {full} is neither a mailbox nor an alias here; destinations must be local"
+                    )));
+                }
+                full
+            };
             if !dests.contains(&full) {
                 dests.push(full);
             }
@@ -383,6 +415,14 @@ impl Directory {
                 Ok((source, dests))
             }
         }
+    }
+
+    /// Whether the mailbox `source` already has its own address among its
+    /// alias rows.
+    async fn keeps_itself(&self, source: &str) -> Result<bool> {
+        let sql = self.sql("SELECT COUNT(*) FROM aliases WHERE source = ? AND destination = ?");
+        let (n,): (i64,) = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(source).bind(source).fetch_one(p).await)?;
+        Ok(n > 0)
     }
 
     pub async fn alias_list(&self, domain: Option<&str>) -> Result<Vec<AliasRow>> {
@@ -416,7 +456,9 @@ impl Directory {
         Ok(out)
     }
 
-    /// Removes an alias, or only one of its destinations.
+    /// Removes an alias, or only one of its destinations. A mailbox's own
+    /// address leaves its alias only with the whole alias: alone, the rest
+    /// would shadow its maildir.
     pub async fn alias_remove(
         &self,
         source: &str,
@@ -426,7 +468,16 @@ impl Directory {
         let (source, _) = Self::alias_source(source, delimiter)?;
         let n = match destination {
             Some(d) => {
-                let d = Address::parse(d, delimiter)?.to_string();
+                let d = if pipe::is_pipe(d) {
+                    pipe::normalize(d)?
+                } else {
+                    Address::parse(d, delimiter)?.to_string()
+                };
+                if d == source && self.destinations_of(&source).await? > 1 {
+                    return Err(DirectoryError::Conflict(format!(
+                        "{source} is a mailbox; without its own address its alias would shadow it: remove the whole alias (`letterbox alias remove {source}`) or its other destinations"
+                    )));
+                }
                 let sql = self.sql("DELETE FROM aliases WHERE source = ? AND destination = ?");
                 on_pool!(&self.pool, p => sqlx::query(sql).bind(&source).bind(&d).execute(p).await?.rows_affected())
             }
@@ -442,6 +493,14 @@ impl Directory {
         }
         self.cache.clear();
         Ok(source)
+    }
+
+    /// How many destinations an alias has.
+    async fn destinations_of(&self, source: &str) -> Result<i64> {
+        let sql = self.sql("SELECT COUNT(*) FROM aliases WHERE source = ?");
+        let (n,): (i64,) =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(source).fetch_one(p).await)?;
+        Ok(n)
     }
 
     // ---- sink rules ----

@@ -9,6 +9,7 @@
 
 mod admin;
 mod greylist;
+pub mod pipe;
 mod resolve;
 
 use std::str::FromStr;
@@ -21,7 +22,7 @@ use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 pub use admin::{AliasRow, DomainRow, SinkRuleRow, UserRow};
 pub use greylist::{GreylistEntry, GreylistTimes, Greylisting, Triplet};
-pub use resolve::{Mailbox, Route};
+pub use resolve::{Mailbox, Pipe, Route};
 
 use crate::address::AddressError;
 

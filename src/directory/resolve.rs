@@ -2,12 +2,17 @@
 //! mailbox, alias (expanded recursively), the domain's catch-all alias,
 //! sink rule, else reject. Results are cached for `database.cache_ttl` so
 //! the hot path rarely waits on the database.
+//!
+//! A mailbox may have alias rows of its own (added by the admin CLI to give
+//! it a pipe or a forward beside its maildir): then those rows say where its
+//! mail goes, and its own address among them means its maildir. An alias
+//! destination `|…` is a pipe command (see `pipe.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Directory, Result, on_pool};
+use super::{Directory, Result, on_pool, pipe};
 use crate::address::{self, Address};
 
 /// How deep aliases may point at aliases before we stop following.
@@ -28,17 +33,89 @@ pub struct Mailbox {
     pub original: Option<String>,
 }
 
+/// A command that gets a copy on its standard input: an alias destination
+/// `|/path/to/program args…`, stored by the admin CLI only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pipe {
+    /// The program (an absolute path) and its arguments; no shell runs it.
+    pub command: Vec<String>,
+    /// The address whose alias holds the pipe: `RECIPIENT` without its
+    /// extension, and `Delivered-To`.
+    pub owner: Address,
+    /// The subaddress tag when the recipient reached the owner by its own
+    /// address (`issues+web@…` reaching `issues@…`'s pipe): `EXTENSION`.
+    pub extension: Option<String>,
+    /// The recipient as given, when another alias (or the catch-all) led
+    /// here: `X-Original-To` and `ORIGINAL_RECIPIENT`.
+    pub original: Option<String>,
+}
+
 /// Where a recipient goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// One or more mailboxes (an alias may expand to several).
     Mailboxes(Vec<Mailbox>),
+    /// Pipe commands (at least one) and mailboxes (possibly none): an alias
+    /// with pipe destinations. Kept apart from [`Route::Mailboxes`] so that
+    /// routes without a pipe look exactly as they always did.
+    WithPipes {
+        mailboxes: Vec<Mailbox>,
+        pipes: Vec<Pipe>,
+    },
     /// The ephemeral sink, keeping messages this long.
     Sink { pattern: String, ttl: Duration },
     /// The domain is served but has no such recipient.
     UnknownUser,
     /// The domain is not ours: accepting would be relaying.
     NotServed,
+}
+
+impl Route {
+    /// The mailboxes that get a copy; empty for a sink or a refusal.
+    pub fn mailboxes(&self) -> &[Mailbox] {
+        match self {
+            Route::Mailboxes(m) | Route::WithPipes { mailboxes: m, .. } => m,
+            _ => &[],
+        }
+    }
+
+    /// The pipe commands that get a copy; empty unless [`Route::WithPipes`].
+    pub fn pipes(&self) -> &[Pipe] {
+        match self {
+            Route::WithPipes { pipes, .. } => pipes,
+            _ => &[],
+        }
+    }
+}
+
+/// What expanding an address found: mailboxes, and pipes with the source
+/// (alias) that holds each.
+#[derive(Default)]
+struct Found {
+    mailboxes: Vec<Mailbox>,
+    pipes: Vec<(Vec<String>, String)>,
+}
+
+impl Found {
+    fn push_mailbox(&mut self, m: Mailbox) {
+        if !self.mailboxes.iter().any(|x| x.address == m.address) {
+            self.mailboxes.push(m);
+        }
+    }
+
+    fn push_pipe(&mut self, destination: &str, source: &str) {
+        match pipe::argv(destination) {
+            Some(argv) if !self.pipes.iter().any(|(a, _)| *a == argv) => {
+                self.pipes.push((argv, source.to_string()))
+            }
+            Some(_) => {}
+            None => tracing::warn!(alias = source, "pipe destination names no command; skipped"),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.mailboxes.is_empty() && self.pipes.is_empty()
+    }
 }
 
 /// A cached value and when it was fetched.
@@ -117,9 +194,9 @@ impl Directory {
         let served = self.domain_active(&rcpt.domain).await?;
         if served {
             let (base, tag) = rcpt.without_subaddress(delimiter);
-            let mut found = Vec::new();
-            let direct = self
-                .expand(&base.to_string(), 0, &mut Vec::new(), &mut found)
+            let base_str = base.to_string();
+            let mut found = Found::default();
+            self.expand(&base_str, 0, &mut Vec::new(), &mut found)
                 .await?;
             if found.is_empty() {
                 self.expand(&format!("@{}", rcpt.domain), 0, &mut Vec::new(), &mut found)
@@ -127,14 +204,47 @@ impl Directory {
             }
             if !found.is_empty() {
                 let original = rcpt.to_string();
-                for m in &mut found {
-                    if direct {
+                let Found {
+                    mut mailboxes,
+                    pipes,
+                } = found;
+                for m in &mut mailboxes {
+                    // The recipient's own mailbox keeps its tag; any other
+                    // was reached through an alias and remembers the
+                    // recipient as given.
+                    if m.address == base {
                         m.tag = tag.map(str::to_string);
                     } else {
                         m.original = Some(original.clone());
                     }
                 }
-                return Ok(Route::Mailboxes(found));
+                if pipes.is_empty() {
+                    return Ok(Route::Mailboxes(mailboxes));
+                }
+                let pipes = pipes
+                    .into_iter()
+                    .map(|(command, source)| {
+                        let catch_all = source.starts_with('@');
+                        let direct = source == base_str;
+                        let owner = match source.rsplit_once('@') {
+                            Some((local, domain)) if !catch_all => Address {
+                                local: local.to_string(),
+                                domain: domain.to_string(),
+                            },
+                            // The catch-all's pipe serves the recipient.
+                            _ => base.clone(),
+                        };
+                        Pipe {
+                            command,
+                            owner,
+                            extension: (direct || catch_all)
+                                .then(|| tag.map(str::to_string))
+                                .flatten(),
+                            original: (!direct).then(|| original.clone()),
+                        }
+                    })
+                    .collect();
+                return Ok(Route::WithPipes { mailboxes, pipes });
             }
         }
         let db_rules = self.sink_rules_cached().await?;
@@ -159,37 +269,62 @@ impl Directory {
         Ok(n > 0)
     }
 
-    /// Appends the mailboxes `addr` reaches to `out` (once each). Returns
-    /// true when `addr` is itself an active mailbox. `path` holds the
-    /// aliases being expanded, to stop at loops.
+    /// Appends the mailboxes and pipes `addr` reaches to `out` (once each).
+    /// `path` holds the aliases being expanded, to stop at loops.
     fn expand<'a>(
         &'a self,
         addr: &'a str,
         depth: usize,
         path: &'a mut Vec<String>,
-        out: &'a mut Vec<Mailbox>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send + 'a>> {
+        out: &'a mut Found,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
         Box::pin(async move {
             if let Some((local, domain)) = addr.rsplit_once('@').filter(|(l, _)| !l.is_empty()) {
+                // One round trip: the mailbox, and whether it has alias rows
+                // of its own (rare: a pipe or a forward beside its maildir).
                 let sql = self.sql(
-                    "SELECT u.quota FROM users u JOIN domains d ON d.name = u.domain \
+                    "SELECT u.quota, (SELECT COUNT(*) FROM aliases a WHERE a.source = ? AND a.active = TRUE) \
+                     FROM users u JOIN domains d ON d.name = u.domain \
                      WHERE u.domain = ? AND u.local_part = ? AND u.active = TRUE AND d.active = TRUE",
                 );
-                let user: Option<(i64,)> = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(domain).bind(local).fetch_optional(p).await)?;
-                if let Some((quota,)) = user {
-                    let address = Address {
-                        local: local.to_string(),
-                        domain: domain.to_string(),
+                let user: Option<(i64, i64)> = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(addr).bind(domain).bind(local).fetch_optional(p).await)?;
+                if let Some((quota, own_rows)) = user {
+                    let mailbox = Mailbox {
+                        address: Address {
+                            local: local.to_string(),
+                            domain: domain.to_string(),
+                        },
+                        quota: quota.max(0) as u64,
+                        tag: None,
+                        original: None,
                     };
-                    if !out.iter().any(|m| m.address == address) {
-                        out.push(Mailbox {
-                            address,
-                            quota: quota.max(0) as u64,
-                            tag: None,
-                            original: None,
-                        });
+                    if own_rows > 0 && depth >= MAX_ALIAS_DEPTH {
+                        tracing::warn!(
+                            alias = addr,
+                            "alias chain too deep; delivering to the mailbox only"
+                        );
                     }
-                    return Ok(true);
+                    if own_rows == 0 || depth >= MAX_ALIAS_DEPTH {
+                        out.push_mailbox(mailbox);
+                        return Ok(());
+                    }
+                    if path.iter().any(|p| p == addr) {
+                        // Mailboxes forwarding to each other: this one is
+                        // being expanded further up, its own row included.
+                        return Ok(());
+                    }
+                    // Its rows say where its mail goes; its own address
+                    // among them is its maildir, not a loop.
+                    path.push(addr.to_string());
+                    for dest in self.destinations(addr).await? {
+                        if dest == addr {
+                            out.push_mailbox(mailbox.clone());
+                        } else {
+                            self.follow(&dest, addr, depth, path, out).await?;
+                        }
+                    }
+                    path.pop();
+                    return Ok(());
                 }
             }
             if depth >= MAX_ALIAS_DEPTH || path.iter().any(|p| p == addr) {
@@ -197,18 +332,47 @@ impl Directory {
                     alias = addr,
                     "alias loop or chain too deep; not following further"
                 );
-                return Ok(false);
+                return Ok(());
             }
-            let sql = self.sql("SELECT destination FROM aliases WHERE source = ? AND active = TRUE ORDER BY destination");
-            let dests: Vec<(String,)> =
-                on_pool!(&self.pool, p => sqlx::query_as(sql).bind(addr).fetch_all(p).await)?;
+            let dests = self.destinations(addr).await?;
+            if dests.iter().any(|d| d == addr) {
+                // Only a mailbox's own alias names itself: this mailbox is
+                // disabled, and its pipes and forwards are with it.
+                return Ok(());
+            }
             path.push(addr.to_string());
-            for (dest,) in dests {
-                self.expand(&dest, depth + 1, path, out).await?;
+            for dest in dests {
+                self.follow(&dest, addr, depth, path, out).await?;
             }
             path.pop();
-            Ok(false)
+            Ok(())
         })
+    }
+
+    /// One destination of the alias `source`: a pipe, or an address to
+    /// expand further.
+    async fn follow(
+        &self,
+        dest: &str,
+        source: &str,
+        depth: usize,
+        path: &mut Vec<String>,
+        out: &mut Found,
+    ) -> Result<()> {
+        if pipe::is_pipe(dest) {
+            out.push_pipe(dest, source);
+            Ok(())
+        } else {
+            self.expand(dest, depth + 1, path, out).await
+        }
+    }
+
+    /// The active destinations of an alias, in a stable order.
+    async fn destinations(&self, source: &str) -> Result<Vec<String>> {
+        let sql = self.sql("SELECT destination FROM aliases WHERE source = ? AND active = TRUE ORDER BY destination");
+        let rows: Vec<(String,)> =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(source).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(|(d,)| d).collect())
     }
 
     async fn sink_rules_cached(&self) -> Result<Arc<Vec<(String, Duration)>>> {

@@ -10,7 +10,17 @@
 //!
 //! In both, a mailbox reached by several recipients (an alias and its
 //! target, a duplicate RCPT) gets one copy, and each of those recipients
-//! shares that copy's outcome.
+//! shares that copy's outcome; so does a pipe command: one run per distinct
+//! command per message.
+//!
+//! The order is pipes, then sink copies, then maildir copies: what cannot
+//! be taken back goes first. A pipe that ran has consumed its copy, so the
+//! pipes run (side by side) before anything else, and only if every pipe a
+//! unit depends on succeeded are the sink and maildir copies delivered.
+//! Over SMTP one failed pipe fails the transaction (nothing else is
+//! delivered, the client gets that pipe's reply); a pipe that succeeded
+//! beside it gets a duplicate when the client retries. Duplicates beat
+//! loss, as with the sink-first rule below.
 
 use std::sync::Arc;
 
@@ -19,7 +29,8 @@ use futures_util::future::join_all;
 
 use super::Pipeline;
 use crate::delivery::DeliveryError;
-use crate::directory::{Mailbox, Route};
+use crate::delivery::pipe::PipeError;
+use crate::directory::{Mailbox, Pipe, Route};
 use crate::envelope::Envelope;
 use crate::sink::Reservation;
 use crate::spool::Spool;
@@ -31,8 +42,9 @@ pub enum Mode {
     PerRecipient,
 }
 
-/// Why a recipient's copy was not delivered. Nothing of it is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a recipient's copy was not delivered. Nothing of it is kept (except
+/// what a pipe that succeeded beside a failure consumed).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     /// The copy would pass the mailbox's quota (452 4.2.2).
     QuotaExceeded,
@@ -40,6 +52,20 @@ pub enum Failure {
     SinkFull,
     /// Disk or another local failure (451 4.3.0).
     Local,
+    /// A pipe command exited 75 (EX_TEMPFAIL) or died of a signal (451 4.3.0).
+    PipeTempFail,
+    /// A pipe command ran past `delivery.pipe_timeout` (451 4.3.0).
+    PipeTimeout,
+    /// A pipe command exited with another status: the first line of its
+    /// stderr, or its exit status (550 5.3.0).
+    PipeRefused(String),
+}
+
+impl Failure {
+    /// Whether a retry may succeed (a 4xx reply).
+    pub fn is_temporary(&self) -> bool {
+        !matches!(self, Failure::PipeRefused(_))
+    }
 }
 
 /// One outcome per recipient of the envelope, in RCPT order.
@@ -59,11 +85,50 @@ impl Pipeline {
     ) -> Outcomes {
         let n = envelope.recipients.len();
         let mut outcomes: Outcomes = vec![Ok(()); n];
-        // Sink copies first: if a maildir delivery then fails, the client
+        // Pipes first: a command that ran cannot be taken back. The branch
+        // is all a message without pipes pays.
+        if envelope
+            .recipients
+            .iter()
+            .any(|r| !r.route.pipes().is_empty())
+        {
+            let runs = pipe_runs(envelope);
+            let results = join_all(runs.iter().map(|run| self.pipe(envelope, &spool, run))).await;
+            match mode {
+                Mode::AllOrNothing => {
+                    // A temporary failure wins: the retry may deliver
+                    // everything, where a bounce would lose every copy.
+                    let failures = results.into_iter().filter_map(Result::err);
+                    if let Some(f) = failures.reduce(|a, b| {
+                        if !a.is_temporary() && b.is_temporary() {
+                            b
+                        } else {
+                            a
+                        }
+                    }) {
+                        return vec![Err(f); n];
+                    }
+                }
+                Mode::PerRecipient => {
+                    for (run, result) in runs.iter().zip(results) {
+                        if let Err(f) = result {
+                            for &i in &run.recipients {
+                                if outcomes[i].is_ok() {
+                                    outcomes[i] = Err(f.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // Sink copies next: if a maildir delivery then fails, the client
         // retries and the sink holds a duplicate, which beats losing a copy
         // after a 250.
         let sinks: Vec<usize> = (0..n)
             .filter(|&i| matches!(*envelope.recipients[i].route, Route::Sink { .. }))
+            .filter(|&i| outcomes[i].is_ok())
             .collect();
         if !sinks.is_empty() {
             let content = spool
@@ -101,7 +166,7 @@ impl Pipeline {
         drop(reserved);
 
         // Which recipient's unit of delivery carries each mailbox's copy.
-        let units = units(envelope, mode);
+        let units = units(envelope, mode, &outcomes);
         if units.is_empty() {
             return outcomes;
         }
@@ -116,12 +181,32 @@ impl Pipeline {
             if let Err(f) = result {
                 for &i in &unit.recipients {
                     if outcomes[i].is_ok() {
-                        outcomes[i] = Err(f);
+                        outcomes[i] = Err(f.clone());
                     }
                 }
             }
         }
         outcomes
+    }
+
+    /// Runs one pipe command for the first recipient that reaches it.
+    async fn pipe(
+        &self,
+        envelope: &Envelope,
+        spool: &Spool,
+        run: &PipeRun<'_>,
+    ) -> Result<(), Failure> {
+        let rcpt = &envelope.recipients[run.recipients[0]].address;
+        let rt = &self.runtime;
+        rt.pipes
+            .deliver(envelope, spool, run.pipe, rcpt, rt.delimiter)
+            .await
+            .map_err(|e| match e {
+                PipeError::TempFail => Failure::PipeTempFail,
+                PipeError::TimedOut => Failure::PipeTimeout,
+                PipeError::Refused(detail) => Failure::PipeRefused(detail),
+                PipeError::Local => Failure::Local,
+            })
     }
 
     async fn maildirs(
@@ -149,6 +234,31 @@ impl Pipeline {
     }
 }
 
+/// One run of a pipe command, and the recipients whose outcome depends on it.
+struct PipeRun<'a> {
+    /// As the first recipient that reaches the command resolved it.
+    pipe: &'a Pipe,
+    recipients: Vec<usize>,
+}
+
+/// One run per distinct command, in the order recipients first reach them.
+fn pipe_runs(envelope: &Envelope) -> Vec<PipeRun<'_>> {
+    let mut runs: Vec<PipeRun<'_>> = Vec::new();
+    for (i, r) in envelope.recipients.iter().enumerate() {
+        for p in r.route.pipes() {
+            match runs.iter_mut().find(|run| run.pipe.command == p.command) {
+                Some(run) if !run.recipients.contains(&i) => run.recipients.push(i),
+                Some(_) => {}
+                None => runs.push(PipeRun {
+                    pipe: p,
+                    recipients: vec![i],
+                }),
+            }
+        }
+    }
+    runs
+}
+
 /// Mailboxes delivered together, all or nothing, and the recipients whose
 /// outcome depends on them.
 #[derive(Debug, PartialEq)]
@@ -160,13 +270,15 @@ struct Unit {
 /// Groups the maildir copies: one unit for the whole transaction, or one
 /// per recipient that reaches a mailbox no earlier recipient reached.
 /// Every mailbox appears once; a recipient depends on each unit holding
-/// one of its mailboxes.
-fn units(envelope: &Envelope, mode: Mode) -> Vec<Unit> {
+/// one of its mailboxes. A recipient that already failed (its pipe) gets
+/// no copy.
+fn units(envelope: &Envelope, mode: Mode, outcomes: &Outcomes) -> Vec<Unit> {
     let mut units: Vec<Unit> = Vec::new();
     for (i, r) in envelope.recipients.iter().enumerate() {
-        let Route::Mailboxes(boxes) = &*r.route else {
+        let boxes = r.route.mailboxes();
+        if boxes.is_empty() || outcomes[i].is_err() {
             continue;
-        };
+        }
         let mut depends = Vec::new();
         let mut fresh = Vec::new();
         for m in boxes {
@@ -263,7 +375,7 @@ mod tests {
     fn per_recipient_units_share_a_mailbox_once() {
         // r0 → a; r1 (an alias) → a, b; r2 → b; r3 → c.
         let env = envelope(vec![vec!["a"], vec!["a", "b"], vec!["b"], vec!["c"]]);
-        let u = units(&env, Mode::PerRecipient);
+        let u = units(&env, Mode::PerRecipient, &vec![Ok(()); 4]);
         assert_eq!(u.len(), 3);
         assert_eq!((names(&u[0]), &u[0].recipients), (vec!["a"], &vec![0, 1]));
         assert_eq!((names(&u[1]), &u[1].recipients), (vec!["b"], &vec![1, 2]));
@@ -273,7 +385,7 @@ mod tests {
     #[test]
     fn all_or_nothing_is_one_unit_for_every_recipient() {
         let env = envelope(vec![vec!["a"], vec!["a", "b"], vec!["c"]]);
-        let u = units(&env, Mode::AllOrNothing);
+        let u = units(&env, Mode::AllOrNothing, &vec![Ok(()); 3]);
         assert_eq!(u.len(), 1);
         assert_eq!(names(&u[0]), vec!["a", "b", "c"]);
         assert_eq!(u[0].recipients, vec![0, 1, 2]);

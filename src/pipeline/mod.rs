@@ -34,8 +34,10 @@ use crate::reply::Reply;
 use crate::runtime::Runtime;
 use crate::spool::Spool;
 
-/// The stages a check is consulted at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The stages a check is consulted at. Their lowercase names are what the
+/// configuration (`[[hooks]] stage = "rcpt"`) and hooks (`STAGE`) use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Stage {
     /// A client connected; nothing has been said yet.
     Connect,
@@ -47,6 +49,19 @@ pub enum Stage {
     Rcpt,
     /// The content is complete and about to be accepted for delivery.
     Data,
+}
+
+impl Stage {
+    /// The stage's name in the configuration and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Helo => "helo",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+        }
+    }
 }
 
 /// What a check may look at; it grows as the transaction proceeds.

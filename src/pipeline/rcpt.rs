@@ -59,8 +59,10 @@ impl Pipeline {
             Err(_) => return Err(Refusal::Syntax),
         };
         // A quoted local part holding `@` is an old relay trick; no mailbox
-        // here has one.
-        if addr.local.contains('@') {
+        // here has one. Nor does any start with `|`, which marks a pipe
+        // command among alias destinations: a client can never name one,
+        // not even through the catch-all.
+        if addr.local.contains('@') || addr.local.starts_with('|') {
             return Err(Refusal::UnknownUser);
         }
         let route = rt
@@ -75,8 +77,8 @@ impl Pipeline {
         match &*route {
             Route::NotServed => return Err(Refusal::NotServed),
             Route::UnknownUser => return Err(Refusal::UnknownUser),
-            Route::Mailboxes(boxes) => {
-                for m in boxes {
+            Route::Mailboxes(_) | Route::WithPipes { .. } => {
+                for m in route.mailboxes() {
                     match rt.maildirs.is_over_quota(m).await {
                         Ok(false) => {}
                         Ok(true) => return Err(Refusal::MailboxFull),
