@@ -202,7 +202,7 @@ def vm(pid, key):
 
 
 class Letterbox(Server):
-    def __init__(self, binary, work, db_url, label, sink=False):
+    def __init__(self, binary, work, db_url, label, sink=False, extra=""):
         self.binary, self.work, self.db_url = binary, work, db_url
         self.name, self.sink = label, sink
         self.maildir = not sink
@@ -228,7 +228,7 @@ enabled = true
 http_listen = "127.0.0.1:0"
 [log]
 level = "warn"
-"""
+{extra}"""
         )
 
     def cli(self, *args, stdin=None):
@@ -584,10 +584,11 @@ def report(results, args, idle, versions, out_dir):
     by = {}
     for r in results:
         by.setdefault((r.load, r.server), []).append(r)
-    servers = [s for s in ("letterbox", "letterbox-base", "letterbox-pg", "postfix", "disk",
-                           "letterbox-sink", "smtp-sink")
+    servers = [s for s in ("letterbox", "letterbox-base", "letterbox-milter", "letterbox-pg",
+                           "postfix", "disk", "letterbox-sink", "smtp-sink")
                if any(k[1] == s for k in by)]
     with_base = "letterbox-base" in servers
+    with_milter = "letterbox-milter" in servers
     the_loads = sorted({k[0] for k in by}, key=lambda l: (l.size, l.rcpts, l.sessions))
 
     def rate(load, server):
@@ -616,14 +617,16 @@ def report(results, args, idle, versions, out_dir):
     w("## Throughput (messages/s, until the last copy is in new/)\n")
     w("| load | " + " | ".join(servers)
       + (" | letterbox ÷ base" if with_base else "")
+      + (" | milter ÷ letterbox" if with_milter else "")
       + " | letterbox ÷ postfix | letterbox ÷ disk | letterbox-pg ÷ letterbox | sink ÷ smtp-sink |")
-    w("|---|" + "---|" * (len(servers) + 4 + with_base))
+    w("|---|" + "---|" * (len(servers) + 4 + with_base + with_milter))
     for load in the_loads:
         row = [f"{rate(load, s):.0f}" if rate(load, s) else "–" for s in servers]
         lb, pf, dk = rate(load, "letterbox"), rate(load, "postfix"), rate(load, "disk")
         pg, sk, ss = rate(load, "letterbox-pg"), rate(load, "letterbox-sink"), rate(load, "smtp-sink")
         ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "–"
         base = f" | {ratio(lb, rate(load, 'letterbox-base'))}" if with_base else ""
+        base += f" | {ratio(rate(load, 'letterbox-milter'), lb)}" if with_milter else ""
         w(f"| {load.name} ({load.messages} msgs) | " + " | ".join(row) + base
           + f" | {ratio(lb, pf)} | {ratio(lb, dk)} | {ratio(pg, lb)} | {ratio(sk, ss)} |")
     w("")
@@ -702,6 +705,8 @@ def main():
     ap.add_argument("--postfix-base", type=Path, default=Path("/var/mail/postfix-peer"))
     ap.add_argument("--ceiling", type=Path, help="the fsync_ceiling binary; disk runs when set")
     ap.add_argument("--postgres", help="admin URL; letterbox-pg runs when set")
+    ap.add_argument("--milter", help="a milter address (bench/rspamd.sh prints one); "
+                                      "letterbox-milter runs with it as its only milter")
     ap.add_argument("--baseline", type=Path,
                     help="an earlier letterbox binary, run as letterbox-base beside the current one "
                          "(same directory, same loads, interleaved): a before/after in one sitting")
@@ -729,6 +734,10 @@ def main():
     if args.baseline:
         servers.append(Letterbox(args.baseline, args.work / "base",
                                  f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox-base"))
+    if args.milter:
+        servers.append(Letterbox(args.binary, args.work / "milter",
+                                 f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox-milter",
+                                 extra=f'[[milters]]\naddress = "{args.milter}"\ndefault_action = "tempfail"\n'))
     if args.ceiling:
         servers.append(Disk(args.ceiling, args.work / "disk"))
     if args.postgres:
