@@ -17,6 +17,9 @@
 //! - [`directory`]: the SQL directory on SQLite, PostgreSQL or MySQL; admin changes and RCPT-time resolution.
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
+//! - [`queue`]: the outbound queue on disk: one message file and one state file per entry, durable before the 250; DSNs.
+//! - [`outbound`]: delivery of queued mail: MX lookup, SMTP client with STARTTLS, MTA-STS, smarthost, retries and bounces.
+//! - [`dns`]: the one DNS resolver of a running server, from `[dns]`.
 //! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping.
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
@@ -36,12 +39,15 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod directory;
+pub mod dns;
 pub mod envelope;
 pub mod limits;
 pub mod lmtp;
 pub mod logging;
+pub mod outbound;
 pub mod password;
 pub mod pipeline;
+pub mod queue;
 pub mod reply;
 pub mod runtime;
 pub mod serve;

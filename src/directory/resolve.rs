@@ -39,6 +39,11 @@ pub enum Route {
     UnknownUser,
     /// The domain is not ours: accepting would be relaying.
     NotServed,
+    /// Leaves this server: queued and delivered to `address`'s MX (or the
+    /// smarthost, or a configured route). `address` is where the copy goes,
+    /// normalized; it may differ from the recipient the client gave (an
+    /// alias that forwards).
+    Remote { address: String },
 }
 
 /// A cached value and when it was fetched.
