@@ -435,7 +435,8 @@ impl Inner {
         // The copies are durable; the other part of the delivery commits
         // now, or the staging's drop takes every copy back out of new/.
         if let Some(commit) = commit {
-            commit().map_err(|e| DeliveryError::io((self.root.clone(), e)))?;
+            crate::blocking::allowed(commit)
+                .map_err(|e| DeliveryError::io((self.root.clone(), e)))?;
         }
 
         // Durable. From here on nothing may fail the transaction.

@@ -10,5 +10,6 @@
 #![allow(dead_code)]
 
 pub mod db;
+pub mod dns_server;
 pub mod process;
 pub mod server;

@@ -1,0 +1,694 @@
+//! The outbound queue end to end, on loopback only: a real DNS server
+//! (dnsmasq) gives the test domains MX records pointing at 127.0.x.y;
+//! the destinations are other letterbox instances listening there, or
+//! Postfix's smtp-sink for a server that always refuses. Mail is put into
+//! the sending server's queue through its pipeline, as a session would
+//! (inbound SMTP does not accept remote recipients yet). Each test has its
+//! own 127.0.N.0/24 so tests never share a destination.
+//!
+//! Needs the Debian packages dnsmasq and postfix (smtp-sink); smtp-sink
+//! and the MTA-STS policy host (port 443) need root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::dns_server::{DnsServer, common_port};
+use common::server::TestServer;
+use letterbox::config::Config;
+use letterbox::directory::Route;
+use letterbox::envelope::{Envelope, Received, Recipient};
+use letterbox::pipeline::{Mode, Refusal};
+use letterbox::queue::{Entry, Status};
+use letterbox::spool::Spool;
+use letterbox::units::Duration as Dur;
+use mail_parser::MimeHeaders as _;
+
+/// A letterbox destination on `ip:port` named `hostname`, serving `domain`
+/// with `users`.
+async fn destination(
+    ip: &str,
+    port: u16,
+    hostname: &str,
+    domain: &str,
+    users: &[&str],
+    tweak: impl FnOnce(&mut Config),
+) -> TestServer {
+    let s = TestServer::start(|c| {
+        c.hostname = hostname.into();
+        c.smtp.listen = vec![format!("{ip}:{port}").parse().unwrap()];
+        tweak(c);
+    })
+    .await;
+    s.directory.domain_add(domain).await.unwrap();
+    for u in users {
+        s.directory
+            .user_add(&format!("{u}@{domain}"), Some('+'), None, 0)
+            .await
+            .unwrap();
+    }
+    s
+}
+
+/// The sending server: example.org with alice and bob, the test's DNS,
+/// remote port `port`, a retry every second.
+async fn sender(dns: &DnsServer, port: u16, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    TestServer::start(|c| {
+        c.dns.servers = vec![dns.addr];
+        c.dns.timeout = Dur::from_secs(2);
+        c.outbound.port = port;
+        c.outbound.connect_timeout = Dur::from_secs(3);
+        c.queue.retry_schedule = vec![Dur::from_secs(1)];
+        c.queue.scan_interval = Dur::from_secs(1);
+        tweak(c);
+    })
+    .await
+}
+
+/// Hands a message from `from` to `to` to the server's pipeline, as a
+/// session would at the end of DATA: local recipients resolved in the
+/// directory, others routed Remote. Returns whether it was accepted.
+async fn inject(s: &TestServer, from: &str, to: &[&str], subject: &str) -> bool {
+    let pipeline = &s.running.as_ref().unwrap().pipeline;
+    let mut recipients = Vec::new();
+    for t in to {
+        let r = match pipeline.recipient(t).await {
+            Ok(r) => r,
+            Err(Refusal::NotServed) => Recipient {
+                address: t.to_string(),
+                route: Arc::new(Route::Remote {
+                    address: t.to_string(),
+                }),
+            },
+            Err(e) => panic!("{t}: {e:?}"),
+        };
+        recipients.push(r);
+    }
+    let envelope = Envelope {
+        id: letterbox::envelope::new_id(),
+        sender: from.into(),
+        recipients,
+        received: Received {
+            helo: "client.example".into(),
+            rdns: None,
+            ip: "127.0.0.1".parse().unwrap(),
+            by: "mx.example.org".into(),
+            with: "ESMTP".into(),
+            tls: None,
+            date: letterbox::envelope::rfc5322_now(),
+        },
+        headers: String::new(),
+        quarantine: false,
+    };
+    let mut spool = Spool::new(1 << 20, None);
+    let body = format!(
+        "From: <{from}>\r\nTo: <{}>\r\nSubject: {subject}\r\nMessage-ID: <{}@example.org>\r\n\r\nHello.\r\n.a line with a dot\r\n",
+        to.join(">, <"),
+        envelope.id
+    );
+    spool.write(body.as_bytes()).unwrap();
+    pipeline
+        .deliver(&envelope, spool, None, Mode::AllOrNothing)
+        .await
+        .iter()
+        .all(|o| o.is_ok())
+}
+
+/// Waits until `mailbox` on `s` holds `n` messages; returns their texts.
+async fn wait_mail(s: &TestServer, mailbox: &str, n: usize, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let files = s.new_files(mailbox);
+        if files.len() >= n {
+            assert_eq!(files.len(), n, "{mailbox}: more messages than expected");
+            return files
+                .iter()
+                .map(|f| std::fs::read_to_string(f).unwrap())
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{mailbox} got {} of {n} messages; queue: {:#?}",
+            files.len(),
+            queue(s)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sender's queue as it stands on disk.
+fn queue(s: &TestServer) -> Vec<Entry> {
+    letterbox::blocking::allowed(|| s.running.as_ref().unwrap().runtime.queue.scan().unwrap())
+}
+
+async fn wait_queue(
+    s: &TestServer,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&[Entry]) -> bool,
+) -> Vec<Entry> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let queue = s.running.as_ref().unwrap().runtime.queue.clone();
+        let q = letterbox::blocking::run("scan", move || queue.scan().unwrap())
+            .await
+            .unwrap();
+        if done(&q) {
+            return q;
+        }
+        assert!(Instant::now() < deadline, "queue never {what}: {q:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of the first `id` in a `Received:` field written by `by`.
+fn received_id(message: &str, by: &str) -> String {
+    let at = message
+        .find(&format!("by {by} with"))
+        .unwrap_or_else(|| panic!("no Received by {by} in {message}"));
+    let rest = &message[at..];
+    let id = rest.split(" id ").nth(1).unwrap();
+    id.split(|c: char| !c.is_ascii_alphanumeric())
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The DSN's parts, checked for the multipart/report shape; returns the
+/// delivery-status part's text.
+fn check_dsn(dsn: &str) -> String {
+    assert!(dsn.starts_with("Return-Path: <>\n"), "{dsn}");
+    assert!(dsn.contains("\nFrom: Mail Delivery System <MAILER-DAEMON@mx.example.org>\n"));
+    assert!(dsn.contains("\nAuto-Submitted: auto-replied\n"));
+    assert!(
+        dsn.contains("\nContent-Type: multipart/report; report-type=delivery-status;\n"),
+        "{dsn}"
+    );
+    let parsed = mail_parser::MessageParser::default()
+        .parse(dsn.as_bytes())
+        .unwrap();
+    let ct = parsed.content_type().unwrap();
+    assert_eq!(
+        (ct.ctype(), ct.subtype(), ct.attribute("report-type")),
+        ("multipart", Some("report"), Some("delivery-status"))
+    );
+    let kinds: Vec<String> = parsed.parts[1..]
+        .iter()
+        .map(|p| {
+            let ct = p.content_type().unwrap();
+            format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "text/plain",
+            "message/delivery-status",
+            "text/rfc822-headers"
+        ]
+    );
+    let at = dsn.find("Content-Type: message/delivery-status\n").unwrap();
+    let end = dsn[at..].find("\n--").unwrap();
+    dsn[at..at + end].to_string()
+}
+
+#[tokio::test]
+async fn one_transaction_per_domain_local_copies_together_and_a_5xx_bounces() {
+    let (a, b) = ("127.0.1.2", "127.0.1.3");
+    let port = common_port(&[a, b]);
+    let dns = DnsServer::start(
+        &["test"],
+        &[
+            "mx-host=a.test,mx.a.test,10".into(),
+            format!("host-record=mx.a.test,{a}"),
+            "mx-host=b.test,mx.b.test,10".into(),
+            format!("host-record=mx.b.test,{b}"),
+        ],
+    );
+    let dest_a = destination(a, port, "mx.a.test", "a.test", &["carol", "dave"], |_| {}).await;
+    let dest_b = destination(b, port, "mx.b.test", "b.test", &["erin"], |_| {}).await;
+    let s = sender(&dns, port, |_| {}).await;
+
+    let started = Instant::now();
+    assert!(
+        inject(
+            &s,
+            "alice@example.org",
+            &[
+                "carol@a.test",
+                "dave@a.test",
+                "erin@b.test",
+                "nobody@a.test",
+                "bob@example.org"
+            ],
+            "grouped",
+        )
+        .await
+    );
+    // The local copy is there when the pipeline answers.
+    assert_eq!(s.new_files("bob@example.org").len(), 1);
+    let carol = wait_mail(&dest_a, "carol@a.test", 1, Duration::from_secs(20)).await;
+    let dave = wait_mail(&dest_a, "dave@a.test", 1, Duration::from_secs(20)).await;
+    let erin = wait_mail(&dest_b, "erin@b.test", 1, Duration::from_secs(20)).await;
+    eprintln!("delivered in {:?}", started.elapsed());
+    // One transaction for a.test: both copies carry the id of the same
+    // transaction at the destination.
+    assert_eq!(
+        received_id(&carol[0], "mx.a.test"),
+        received_id(&dave[0], "mx.a.test")
+    );
+    for m in [&carol[0], &dave[0], &erin[0]] {
+        assert!(m.contains("Subject: grouped\n"));
+        assert!(
+            m.contains("\n.a line with a dot\n"),
+            "dot stuffing undone: {m}"
+        );
+        assert!(m.contains("Return-Path: <alice@example.org>\n"));
+        assert!(
+            m.contains("by mx.example.org with ESMTP id "),
+            "our Received: {m}"
+        );
+    }
+    // The unknown recipient bounced with the remote's own words.
+    let dsn = wait_mail(&s, "alice@example.org", 1, Duration::from_secs(20)).await;
+    let status = check_dsn(&dsn[0]);
+    assert!(
+        status.contains(
+            "\nFinal-Recipient: rfc822; nobody@a.test\nAction: failed\nStatus: 5.1.1\n\
+             Remote-MTA: dns; mx.a.test\nDiagnostic-Code: smtp; 550 5.1.1 No such user here\n"
+        ),
+        "{status}"
+    );
+    assert!(
+        !status.contains("carol@a.test"),
+        "only the failed recipient: {status}"
+    );
+    assert!(dsn[0].contains("Content-Type: text/rfc822-headers\n\nReceived: from client.example"));
+    assert!(dsn[0].contains("\nSubject: grouped\n"));
+    assert!(!dsn[0].contains("Hello."), "headers only");
+    // Everything settled: the entry is gone.
+    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+}
+
+#[tokio::test]
+async fn a_tempfail_is_retried_until_it_is_delivered() {
+    let a = "127.0.2.2";
+    let port = common_port(&[a]);
+    let dns = DnsServer::start(
+        &["test"],
+        &[
+            "mx-host=a.test,mx.a.test,10".into(),
+            format!("host-record=mx.a.test,{a}"),
+        ],
+    );
+    let dest = destination(a, port, "mx.a.test", "a.test", &[], |_| {}).await;
+    // A quota smaller than any message: 452 4.2.2 at the end of DATA.
+    dest.directory
+        .user_add("carol@a.test", Some('+'), None, 10)
+        .await
+        .unwrap();
+    let s = sender(&dns, port, |_| {}).await;
+    assert!(inject(&s, "alice@example.org", &["carol@a.test"], "retry me").await);
+    let q = wait_queue(&s, "deferred", Duration::from_secs(20), |q| {
+        q.first().is_some_and(|e| e.recipients[0].attempts >= 1)
+    })
+    .await;
+    let r = &q[0].recipients[0];
+    assert_eq!(r.status, Status::Queued);
+    let err = r.last_error.as_deref().unwrap();
+    assert!(
+        err.contains("mx.a.test[127.0.2.2] said: 452 4.2.2"),
+        "{err}"
+    );
+    assert!(dest.new_files("carol@a.test").is_empty());
+    // The destination makes room; the next attempt delivers.
+    dest.directory
+        .user_set_quota("carol@a.test", Some('+'), 0)
+        .await
+        .unwrap();
+    wait_mail(&dest, "carol@a.test", 1, Duration::from_secs(20)).await;
+    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+    assert!(
+        s.new_files("alice@example.org").is_empty(),
+        "no DSN for a delay"
+    );
+}
+
+#[tokio::test]
+async fn null_mx_bounces_at_once_and_a_domain_without_mx_gets_its_address() {
+    let a = "127.0.3.2";
+    let port = common_port(&[a]);
+    let dns = DnsServer::start(
+        &["test"],
+        &[
+            "mx-host=null.test,.,0".into(),
+            // No MX: the implicit MX is the domain's own address.
+            format!("host-record=implicit.test,{a}"),
+        ],
+    );
+    let dest = destination(
+        a,
+        port,
+        "implicit.test",
+        "implicit.test",
+        &["frank"],
+        |_| {},
+    )
+    .await;
+    let s = sender(&dns, port, |_| {}).await;
+    assert!(
+        inject(
+            &s,
+            "alice@example.org",
+            &["frank@implicit.test", "x@null.test"],
+            "nullmx"
+        )
+        .await
+    );
+    wait_mail(&dest, "frank@implicit.test", 1, Duration::from_secs(20)).await;
+    let dsn = wait_mail(&s, "alice@example.org", 1, Duration::from_secs(20)).await;
+    let status = check_dsn(&dsn[0]);
+    assert!(
+        status.contains("\nFinal-Recipient: rfc822; x@null.test\nAction: failed\nStatus: 5.1.10\nLast-Attempt-Date: "),
+        "{status}"
+    );
+    assert!(dsn[0].contains("<x@null.test>: null.test accepts no mail (null MX, RFC 7505)"));
+    // A domain that does not exist fails for good too.
+    assert!(inject(&s, "alice@example.org", &["y@nowhere.test"], "nx").await);
+    let dsns = wait_mail(&s, "alice@example.org", 2, Duration::from_secs(20)).await;
+    assert!(dsns.iter().any(|d| d.contains("Status: 5.1.2")), "{dsns:?}");
+    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+}
+
+/// Postfix's smtp-sink on `ip:port`, with its extra arguments.
+struct SmtpSink(Child);
+
+impl SmtpSink {
+    fn start(ip: &str, port: u16, args: &[&str]) -> SmtpSink {
+        let child = Command::new("smtp-sink")
+            .args(["-u", "nobody", "-h", "sink.test"])
+            .args(args)
+            .arg(format!("{ip}:{port}"))
+            .arg("10")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("smtp-sink (Debian package postfix) must be installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((ip, port)).is_err() {
+            assert!(Instant::now() < deadline, "smtp-sink did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SmtpSink(child)
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_refusing_mx_bounces_and_one_that_defers_forever_expires() {
+    let (soft, hard) = ("127.0.4.2", "127.0.4.3");
+    let port = common_port(&[soft, hard]);
+    let dns = DnsServer::start(
+        &["test"],
+        &[
+            "mx-host=soft.test,mx.soft.test,10".into(),
+            format!("host-record=mx.soft.test,{soft}"),
+            "mx-host=hard.test,mx.hard.test,10".into(),
+            format!("host-record=mx.hard.test,{hard}"),
+        ],
+    );
+    let _soft = SmtpSink::start(soft, port, &["-r", "RCPT"]);
+    let _hard = SmtpSink::start(hard, port, &["-f", "RCPT", "-B", "550 5.7.1 Go away"]);
+    let s = sender(&dns, port, |c| c.queue.max_age = Dur::from_secs(4)).await;
+    assert!(
+        inject(
+            &s,
+            "alice@example.org",
+            &["u@soft.test", "v@hard.test"],
+            "expire"
+        )
+        .await
+    );
+    // The 5xx is reported at once, with smtp-sink's own words.
+    let first = wait_mail(&s, "alice@example.org", 1, Duration::from_secs(10)).await;
+    let status = check_dsn(&first[0]);
+    assert!(
+        status.contains("\nFinal-Recipient: rfc822; v@hard.test\nAction: failed\nStatus: 5.7.1\nRemote-MTA: dns; mx.hard.test\nDiagnostic-Code: smtp; 550 5.7.1 Go away\n"),
+        "{status:?}"
+    );
+    assert!(!status.contains("u@soft.test"));
+    let q = queue(&s);
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].recipients[0].status, Status::Queued);
+    // The 4xx one is retried until queue.max_age, then returned.
+    let both = wait_mail(&s, "alice@example.org", 2, Duration::from_secs(20)).await;
+    let second = both
+        .iter()
+        .find(|d| d.contains("Final-Recipient: rfc822; u@soft.test"))
+        .unwrap();
+    let status = check_dsn(second);
+    assert!(
+        status.contains("\nFinal-Recipient: rfc822; u@soft.test\nAction: failed\nStatus: 4.3.0\nRemote-MTA: dns; mx.soft.test\nDiagnostic-Code: smtp; 450 4.3.0 Error: command failed\n"),
+        "{status}"
+    );
+    assert!(
+        second.contains("<u@soft.test>: message expired: not delivered within 4s"),
+        "{second}"
+    );
+    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+}
+
+#[tokio::test]
+async fn a_bounce_that_fails_is_not_bounced() {
+    let hard = "127.0.6.2";
+    let port = common_port(&[hard]);
+    let dns = DnsServer::start(
+        &["test"],
+        &[
+            "mx-host=hard.test,mx.hard.test,10".into(),
+            format!("host-record=mx.hard.test,{hard}"),
+        ],
+    );
+    let _hard = SmtpSink::start(hard, port, &["-f", "RCPT"]);
+    let s = sender(&dns, port, |_| {}).await;
+    // A DSN from <> to a remote sender that refuses it.
+    assert!(inject(&s, "", &["w@hard.test"], "a bounce").await);
+    wait_queue(&s, "emptied", Duration::from_secs(15), |q| q.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(queue(&s).is_empty(), "nothing new was queued");
+}
+
+/// A certificate authority for the MTA-STS test.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        Ca {
+            cert: p.self_signed(&key).unwrap(),
+            key,
+        }
+    }
+
+    /// A certificate for `host`, written as `<dir>/<host>.{crt,key}`.
+    fn issue(&self, dir: &Path, host: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+            .unwrap()
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("{host}.crt")),
+            dir.join(format!("{host}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// An HTTPS server on `ip:443` answering every request with `policy`.
+async fn policy_host(
+    ip: &str,
+    cert: PathBuf,
+    key: PathBuf,
+    policy: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = letterbox::blocking::run("test TLS files", move || {
+        letterbox::tls::server_config(&cert, &key).unwrap()
+    })
+    .await
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = tokio::net::TcpListener::bind((ip, 443))
+        .await
+        .expect("binding port 443 needs root");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                assert!(req.starts_with(b"GET /.well-known/mta-sts.txt HTTP/1.1\r\n"));
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{policy}",
+                    policy.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    })
+}
+
+#[tokio::test]
+async fn mta_sts_enforce_refuses_an_untrusted_certificate_and_opportunistic_tls_does_not() {
+    let (bad_mx, good_mx, opp_mx, policy_ip) = ("127.0.5.2", "127.0.5.3", "127.0.5.4", "127.0.5.6");
+    let port = common_port(&[bad_mx, good_mx, opp_mx]);
+    let certs = tempfile::tempdir().unwrap();
+    let trusted = Ca::new("letterbox test CA");
+    let rogue = Ca::new("nobody trusts this CA");
+    let ca_file = certs.path().join("ca.pem");
+    std::fs::write(&ca_file, trusted.cert.pem()).unwrap();
+    let dns = DnsServer::start(
+        &["test"],
+        &[
+            "mx-host=sts.test,mx.sts.test,10".into(),
+            format!("host-record=mx.sts.test,{bad_mx}"),
+            "txt-record=_mta-sts.sts.test,\"v=STSv1; id=20260101\"".into(),
+            format!("host-record=mta-sts.sts.test,{policy_ip}"),
+            "mx-host=good.test,mx.good.test,10".into(),
+            format!("host-record=mx.good.test,{good_mx}"),
+            "txt-record=_mta-sts.good.test,\"v=STSv1; id=20260101\"".into(),
+            format!("host-record=mta-sts.good.test,{policy_ip}"),
+            "mx-host=opp.test,mx.opp.test,10".into(),
+            format!("host-record=mx.opp.test,{opp_mx}"),
+        ],
+    );
+    let (c, k) = trusted.issue(certs.path(), "mta-sts.sts.test");
+    // One policy host for both domains: SNI picks nothing, so its
+    // certificate names both.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["mta-sts.sts.test".into(), "mta-sts.good.test".into()])
+            .unwrap()
+            .signed_by(&key, &trusted.cert, &trusted.key)
+            .unwrap();
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let _policy = policy_host(
+        policy_ip,
+        c,
+        k,
+        "version: STSv1\r\nmode: enforce\r\nmx: mx.sts.test\r\nmx: *.good.test\r\nmax_age: 86400\r\n",
+    )
+    .await;
+    let tls = |ca: &Ca, host: &str| {
+        let (c, k) = ca.issue(certs.path(), host);
+        move |cfg: &mut Config| {
+            cfg.tls.cert = Some(c);
+            cfg.tls.key = Some(k);
+        }
+    };
+    let bad = destination(
+        bad_mx,
+        port,
+        "mx.sts.test",
+        "sts.test",
+        &["gina"],
+        tls(&rogue, "mx.sts.test"),
+    )
+    .await;
+    let good = destination(
+        good_mx,
+        port,
+        "mx.good.test",
+        "good.test",
+        &["hank"],
+        tls(&trusted, "mx.good.test"),
+    )
+    .await;
+    let opp = destination(
+        opp_mx,
+        port,
+        "mx.opp.test",
+        "opp.test",
+        &["ivy"],
+        tls(&rogue, "mx.opp.test"),
+    )
+    .await;
+    let s = sender(&dns, port, |c| c.outbound.ca_file = ca_file.clone()).await;
+
+    assert!(
+        inject(
+            &s,
+            "alice@example.org",
+            &["gina@sts.test", "hank@good.test", "ivy@opp.test"],
+            "sts"
+        )
+        .await
+    );
+    // A valid certificate for a listed MX: delivered, over TLS.
+    let m = wait_mail(&good, "hank@good.test", 1, Duration::from_secs(20)).await;
+    assert!(m[0].contains("with ESMTPS id"), "{}", m[0]);
+    // Without a policy an untrusted certificate still gets the mail,
+    // encrypted (opportunistic TLS).
+    let m = wait_mail(&opp, "ivy@opp.test", 1, Duration::from_secs(20)).await;
+    assert!(m[0].contains("with ESMTPS id"), "{}", m[0]);
+    // Enforce with an untrusted certificate: not delivered, still queued,
+    // and the entry says why.
+    let q = wait_queue(&s, "deferred by MTA-STS", Duration::from_secs(20), |q| {
+        q.first().is_some_and(|e| {
+            e.recipients
+                .iter()
+                .any(|r| r.address == "gina@sts.test" && r.attempts >= 2)
+        })
+    })
+    .await;
+    let gina = q[0]
+        .recipients
+        .iter()
+        .find(|r| r.address == "gina@sts.test")
+        .unwrap();
+    assert_eq!(gina.status, Status::Queued);
+    let err = gina.last_error.as_deref().unwrap();
+    assert!(
+        err.contains("TLS required (MTA-STS policy of sts.test, enforce) but the handshake failed")
+            && err.contains("not delivered"),
+        "{err}"
+    );
+    assert!(bad.new_files("gina@sts.test").is_empty());
+    assert!(
+        s.new_files("alice@example.org").is_empty(),
+        "a policy failure is not a bounce"
+    );
+}
