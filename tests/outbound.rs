@@ -692,3 +692,304 @@ async fn mta_sts_enforce_refuses_an_untrusted_certificate_and_opportunistic_tls_
         "a policy failure is not a bounce"
     );
 }
+
+/// Messages put straight into a queue directory (the server not running),
+/// as the pipeline would: `n` messages from alice, each to every one of
+/// `to`. Returns their ids.
+fn fill_queue(dir: &Path, n: usize, to: &[&str]) -> Vec<String> {
+    letterbox::blocking::allowed(|| {
+        let queue = letterbox::queue::Queue::open(dir, false).unwrap();
+        (0..n)
+            .map(|i| {
+                let envelope = Envelope {
+                    id: format!("{:04}{}", i, letterbox::envelope::new_id()),
+                    sender: "alice@example.org".into(),
+                    recipients: vec![],
+                    received: Received {
+                        helo: "client.example".into(),
+                        rdns: None,
+                        ip: "127.0.0.1".parse().unwrap(),
+                        by: "mx.example.org".into(),
+                        with: "ESMTP".into(),
+                        tls: None,
+                        date: letterbox::envelope::rfc5322_now(),
+                    },
+                    headers: String::new(),
+                    quarantine: false,
+                };
+                let mut spool = Spool::new(1 << 20, None);
+                let body = format!(
+                    "Subject: crash {i}\r\nMessage-ID: <m{i}@example.org>\r\n\r\nbody {i}\r\n"
+                );
+                spool.write(body.as_bytes()).unwrap();
+                let rcpts: Vec<(String, Option<String>)> =
+                    to.iter().map(|t| (t.to_string(), None)).collect();
+                queue
+                    .stage(&envelope, &spool, &rcpts)
+                    .unwrap()
+                    .commit()
+                    .unwrap()
+            })
+            .collect()
+    })
+}
+
+/// Reads a queue directory from outside the server.
+fn scan(dir: &Path) -> Vec<Entry> {
+    letterbox::blocking::allowed(|| {
+        letterbox::queue::Queue::open(dir, false)
+            .unwrap()
+            .scan()
+            .unwrap()
+    })
+}
+
+/// The Message-IDs of every message in `mailbox`, sorted (duplicates kept).
+fn message_ids(s: &TestServer, mailbox: &str) -> Vec<String> {
+    let mut ids: Vec<String> = s
+        .new_files(mailbox)
+        .iter()
+        .map(|f| {
+            let m = std::fs::read_to_string(f).unwrap();
+            let at = m.find("Message-ID: <").unwrap() + 13;
+            m[at..at + m[at..].find('>').unwrap()].to_string()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The real binary with a full queue: SIGKILLed while one destination keeps
+/// deferring, then restarted; meanwhile `letterbox queue` lists, shows,
+/// bounces, removes and retries entries while the server runs. Every
+/// message reaches each destination once, never twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_a_full_queue_then_restart_delivers_each_message_once_and_the_cli_steers_it() {
+    use common::process::{Process, Sections, admin, write_config};
+    const N: usize = 30;
+    let (a, b) = ("127.0.7.2", "127.0.7.3");
+    let port = common_port(&[a, b]);
+    let dns = DnsServer::start(
+        &["test"],
+        &[
+            "mx-host=a.test,mx.a.test,10".into(),
+            format!("host-record=mx.a.test,{a}"),
+            "mx-host=b.test,mx.b.test,10".into(),
+            format!("host-record=mx.b.test,{b}"),
+        ],
+    );
+    let dest_a = destination(a, port, "mx.a.test", "a.test", &["carol"], |_| {}).await;
+    let sink_b = SmtpSink::start(b, port, &["-r", "RCPT"]);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", tmp.path().join("letterbox.db").display());
+    let config = write_config(tmp.path(), &db, &Sections::default());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[dns]\nservers = [\"{}\"]\ntimeout = \"2s\"\n\
+         [outbound]\nport = {port}\nconnect_timeout = \"3s\"\n\
+         [queue]\nretry_schedule = [\"1s\"]\nscan_interval = \"1s\"\n",
+        dns.addr
+    ));
+    std::fs::write(&config, text).unwrap();
+    let queue_dir = tmp.path().join("mail").join(letterbox::queue::QUEUE_DIR);
+    let cfg = config.clone();
+    tokio::task::spawn_blocking(move || {
+        admin(&cfg, &["domain", "add", "example.org"]);
+        admin(&cfg, &["user", "add", "alice@example.org"]);
+    })
+    .await
+    .unwrap();
+    let ids = fill_queue(&queue_dir, N, &["carol@a.test", "erin@b.test"]);
+
+    // The CLI on a queue with no server: every entry, exact fields.
+    let cfg = config.clone();
+    let listed = tokio::task::spawn_blocking(move || admin(&cfg, &["queue", "list", "--json"]))
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let entries = listed.as_array().unwrap();
+    assert_eq!(entries.len(), N);
+    let first = entries[0].as_object().unwrap();
+    let mut keys: Vec<&str> = first.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, ["created", "id", "recipients", "sender", "size"]);
+    assert_eq!(first["sender"], "alice@example.org");
+    assert!(first["created"].as_str().unwrap().ends_with('Z'));
+    let r0 = first["recipients"][0].as_object().unwrap();
+    let mut keys: Vec<&str> = r0.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "address",
+            "attempts",
+            "last_error",
+            "next_attempt",
+            "status"
+        ]
+    );
+    assert_eq!(
+        (
+            &r0["address"],
+            &r0["status"],
+            &r0["attempts"],
+            &r0["last_error"]
+        ),
+        (
+            &serde_json::json!("carol@a.test"),
+            &serde_json::json!("queued"),
+            &serde_json::json!(0),
+            &serde_json::Value::Null
+        )
+    );
+
+    // First run: a.test takes everything, b.test defers everything.
+    let mut server = tokio::task::spawn_blocking({
+        let cfg = config.clone();
+        move || Process::serve(&cfg)
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let q = scan(&queue_dir);
+        let done = q.len() == N
+            && q.iter().all(|e| {
+                e.recipients[0].status == Status::Delivered && e.recipients[1].attempts >= 1
+            });
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "first run never settled: {}",
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SIGKILL while b.test's attempts keep failing.
+    server.signal(libc::SIGKILL);
+    server.wait_exit(Duration::from_secs(10));
+    assert_eq!(message_ids(&dest_a, "carol@a.test").len(), N);
+
+    // Restarted; b.test still defers. The CLI works beside the server.
+    let server = tokio::task::spawn_blocking({
+        let cfg = config.clone();
+        move || Process::serve(&cfg)
+    })
+    .await
+    .unwrap();
+    let (bounced, removed) = (ids[0].clone(), ids[1].clone());
+    let cfg = config.clone();
+    let (shown, bounce_out, remove_out, retry_out) = tokio::task::spawn_blocking({
+        let (bounced, removed) = (bounced.clone(), removed.clone());
+        move || {
+            // A busy entry is reported, never waited for: try a few times.
+            let run = |args: &[&str]| {
+                for _ in 0..100 {
+                    let out = common::process::letterbox(&cfg)
+                        .args(args)
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        return String::from_utf8(out.stdout).unwrap();
+                    }
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(err.contains("being delivered right now"), "{args:?}: {err}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                panic!("{args:?} stayed busy");
+            };
+            (
+                run(&["queue", "show", &bounced, "--json"]),
+                run(&["queue", "bounce", &bounced]),
+                run(&["queue", "remove", &removed]),
+                run(&["queue", "retry", "--all"]),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["id"], bounced.as_str());
+    assert_eq!(shown["recipients"][0]["status"], "delivered");
+    assert_eq!(
+        shown["recipients"][0]["next_attempt"],
+        serde_json::Value::Null
+    );
+    assert_eq!(shown["recipients"][1]["status"], "queued");
+    assert!(
+        shown["recipients"][1]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(
+                "mx.b.test[127.0.7.3] said: 450 4.3.0 Error: command failed (in reply to RCPT TO)"
+            ),
+        "{shown}"
+    );
+    assert_eq!(
+        bounce_out,
+        format!("{bounced}: 1 recipient(s) will be returned to the sender\n")
+    );
+    assert_eq!(
+        remove_out,
+        format!("removed {removed} from the queue (its sender is not told)\n")
+    );
+    assert!(
+        retry_out.contains("recipient(s) will be tried now"),
+        "{retry_out}"
+    );
+
+    // The bounce reaches alice at once (the CLI woke the server).
+    let alice = tmp.path().join("mail/example.org/alice/new");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dsn = loop {
+        if let Some(f) = std::fs::read_dir(&alice).ok().and_then(|mut d| d.next()) {
+            break std::fs::read_to_string(f.unwrap().path()).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no DSN: {}", server.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let status = check_dsn(&dsn);
+    assert!(
+        status.contains("\nFinal-Recipient: rfc822; erin@b.test\nAction: failed\nStatus: 5.0.0\n"),
+        "{status}"
+    );
+    assert!(dsn.contains("<erin@b.test>: returned to the sender by the administrator"));
+    assert!(dsn.contains(&format!("Message-ID: <m0@example.org>")));
+
+    // b.test starts accepting: everything left goes there, once.
+    drop(sink_b);
+    let dest_b = destination(b, port, "mx.b.test", "b.test", &["erin"], |_| {}).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !scan(&queue_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "queue never emptied: {}",
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let want_a: Vec<String> = {
+        let mut v: Vec<String> = (0..N).map(|i| format!("m{i}@example.org")).collect();
+        v.sort();
+        v
+    };
+    let want_b: Vec<String> = want_a
+        .iter()
+        .filter(|m| *m != "m0@example.org" && *m != "m1@example.org")
+        .cloned()
+        .collect();
+    assert_eq!(
+        message_ids(&dest_a, "carol@a.test"),
+        want_a,
+        "a.test: each once"
+    );
+    assert_eq!(
+        message_ids(&dest_b, "erin@b.test"),
+        want_b,
+        "b.test: each once, bar the bounced and the removed"
+    );
+    drop(server);
+}
