@@ -338,6 +338,59 @@ async fn a_tempfail_is_retried_until_it_is_delivered() {
 }
 
 #[tokio::test]
+async fn an_alias_forwards_to_another_server_with_the_local_copy_in_one_transaction() {
+    let a = "127.0.8.2";
+    let port = common_port(&[a]);
+    let dns = DnsServer::start(
+        &["test"],
+        &[
+            "mx-host=a.test,mx.a.test,10".into(),
+            format!("host-record=mx.a.test,{a}"),
+        ],
+    );
+    let dest = destination(a, port, "mx.a.test", "a.test", &["carol"], |_| {}).await;
+    let s = sender(&dns, port, |_| {}).await;
+    s.directory
+        .alias_add("me@example.org", &["Carol@A.test".into()], Some('+'))
+        .await
+        .unwrap();
+    // A forwarding alias has one destination only.
+    let err = s
+        .directory
+        .alias_add("me@example.org", &["bob@example.org".into()], Some('+'))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("forwards to another server"),
+        "{err}"
+    );
+    // Over SMTP, as any sender would: the remote copy and bob's local one.
+    let mut c = s.connect().await;
+    c.greeting().await;
+    let reply = c
+        .send_mail(
+            "someone@elsewhere.test",
+            &["me@example.org", "bob@example.org"],
+            "Subject: forwarded\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert!(reply.starts_with("250 2.0.0 Ok: delivered as "), "{reply}");
+    assert_eq!(s.new_files("bob@example.org").len(), 1);
+    let m = wait_mail(&dest, "carol@a.test", 1, Duration::from_secs(20)).await;
+    assert!(
+        m[0].contains("Return-Path: <someone@elsewhere.test>\n"),
+        "{}",
+        m[0]
+    );
+    assert!(
+        m[0].contains("for <me@example.org>;"),
+        "the forwarded copy names the alias: {}",
+        m[0]
+    );
+    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+}
+
+#[tokio::test]
 async fn null_mx_bounces_at_once_and_a_domain_without_mx_gets_its_address() {
     let a = "127.0.3.2";
     let port = common_port(&[a]);

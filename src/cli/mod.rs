@@ -125,7 +125,7 @@ pub enum UserCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum AliasCmd {
-    /// Point SOURCE (local@domain, or @domain for a catch-all) at local mailboxes or aliases.
+    /// Point SOURCE (local@domain, or @domain for a catch-all) at local mailboxes or aliases, or at one address on another server (forwarded through the outbound queue).
     Add {
         source: String,
         #[arg(required = true)]

@@ -123,12 +123,43 @@ impl Directory {
         if served {
             let (base, tag) = rcpt.without_subaddress(delimiter);
             let mut found = Vec::new();
+            let mut remote = Vec::new();
             let direct = self
-                .expand(&base.to_string(), 0, &mut Vec::new(), &mut found)
+                .expand(
+                    &base.to_string(),
+                    0,
+                    &mut Vec::new(),
+                    &mut found,
+                    &mut remote,
+                )
                 .await?;
-            if found.is_empty() {
-                self.expand(&format!("@{}", rcpt.domain), 0, &mut Vec::new(), &mut found)
-                    .await?;
+            if found.is_empty() && remote.is_empty() {
+                self.expand(
+                    &format!("@{}", rcpt.domain),
+                    0,
+                    &mut Vec::new(),
+                    &mut found,
+                    &mut remote,
+                )
+                .await?;
+            }
+            // `alias add` lets a remote destination be an alias's only
+            // one; a chain of aliases can still mix them, and a route has
+            // one kind. The local mailboxes win, loudly.
+            if !remote.is_empty() && (!found.is_empty() || remote.len() > 1) {
+                tracing::error!(
+                    rcpt = %rcpt,
+                    dropped = ?if found.is_empty() { &remote[1..] } else { &remote[..] },
+                    "an alias chain mixes destinations on other servers with others; only one kind is delivered"
+                );
+            }
+            if found.is_empty()
+                && let Some(address) = remote.into_iter().next()
+            {
+                // Forwarded off this server. SRS, when added, rewrites the
+                // envelope sender of such copies where they are queued
+                // (pipeline::deliver, `Remote`'s original address).
+                return Ok(Route::Remote { address });
             }
             if !found.is_empty() {
                 let original = rcpt.to_string();
@@ -157,6 +188,15 @@ impl Directory {
         })
     }
 
+    /// Whether the domain is in the directory at all (active or not): an
+    /// address in it is ours, never forwarded.
+    pub(super) async fn domain_exists(&self, domain: &str) -> Result<bool> {
+        let sql = self.sql("SELECT COUNT(*) FROM domains WHERE name = ?");
+        let (n,): (i64,) =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(domain).fetch_one(p).await)?;
+        Ok(n > 0)
+    }
+
     async fn domain_active(&self, domain: &str) -> Result<bool> {
         let sql = self.sql("SELECT COUNT(*) FROM domains WHERE name = ? AND active = TRUE");
         let (n,): (i64,) =
@@ -164,15 +204,17 @@ impl Directory {
         Ok(n > 0)
     }
 
-    /// Appends the mailboxes `addr` reaches to `out` (once each). Returns
-    /// true when `addr` is itself an active mailbox. `path` holds the
-    /// aliases being expanded, to stop at loops.
+    /// Appends the mailboxes `addr` reaches to `out` (once each), and the
+    /// addresses on other servers it forwards to to `remote`. Returns true
+    /// when `addr` is itself an active mailbox. `path` holds the aliases
+    /// being expanded, to stop at loops.
     fn expand<'a>(
         &'a self,
         addr: &'a str,
         depth: usize,
         path: &'a mut Vec<String>,
         out: &'a mut Vec<Mailbox>,
+        remote: &'a mut Vec<String>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send + 'a>> {
         Box::pin(async move {
             if let Some((local, domain)) = addr.rsplit_once('@').filter(|(l, _)| !l.is_empty()) {
@@ -196,6 +238,13 @@ impl Directory {
                     }
                     return Ok(true);
                 }
+                // A destination in a domain we do not have: it leaves.
+                if depth > 0 && !self.domain_exists(domain).await? {
+                    if !remote.iter().any(|r| r == addr) {
+                        remote.push(addr.to_string());
+                    }
+                    return Ok(false);
+                }
             }
             if depth >= MAX_ALIAS_DEPTH || path.iter().any(|p| p == addr) {
                 tracing::warn!(
@@ -209,7 +258,7 @@ impl Directory {
                 on_pool!(&self.pool, p => sqlx::query_as(sql).bind(addr).fetch_all(p).await)?;
             path.push(addr.to_string());
             for (dest,) in dests {
-                self.expand(&dest, depth + 1, path, out).await?;
+                self.expand(&dest, depth + 1, path, out, remote).await?;
             }
             path.pop();
             Ok(false)

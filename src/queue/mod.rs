@@ -242,10 +242,11 @@ impl Queue {
             tmp_state: PathBuf::new(),
             committed: false,
         };
-        // One recipient is named in the Received field, as in a maildir
-        // copy; several are not (Bcc recipients stay hidden).
+        // One recipient is named in the Received field as the client gave
+        // it, as in a maildir copy; several are not (Bcc recipients stay
+        // hidden).
         let received = match recipients {
-            [(one, _)] => envelope.received_header(one),
+            [(one, original)] => envelope.received_header(original.as_deref().unwrap_or(one)),
             _ => envelope.received_header_without_for(),
         };
         let (size, eight_bit) = write_message(&tmp_msg, &received, &envelope.headers, spool)
