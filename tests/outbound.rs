@@ -1046,3 +1046,130 @@ async fn sigkill_with_a_full_queue_then_restart_delivers_each_message_once_and_t
     );
     drop(server);
 }
+
+#[tokio::test]
+async fn local_and_remote_copies_are_all_or_nothing() {
+    let dns = DnsServer::start(&["test"], &[]);
+    let s = sender(&dns, 25, |_| {}).await;
+    let pipeline = &s.running.as_ref().unwrap().pipeline;
+    let queue_dir = s
+        .running
+        .as_ref()
+        .unwrap()
+        .runtime
+        .queue
+        .dir()
+        .to_path_buf();
+    // The queue cannot stage: no local copy is kept either.
+    std::fs::remove_dir(queue_dir.join("tmp")).unwrap();
+    std::fs::write(queue_dir.join("tmp"), "not a directory").unwrap();
+    assert!(
+        !inject(
+            &s,
+            "alice@example.org",
+            &["bob@example.org", "x@far.test"],
+            "q fails"
+        )
+        .await
+    );
+    assert!(s.new_files("bob@example.org").is_empty());
+    std::fs::remove_file(queue_dir.join("tmp")).unwrap();
+    std::fs::create_dir(queue_dir.join("tmp")).unwrap();
+    // A local copy cannot be stored (over quota): nothing is queued.
+    s.directory
+        .user_set_quota("bob@example.org", Some('+'), 10)
+        .await
+        .unwrap();
+    assert!(
+        !inject(
+            &s,
+            "alice@example.org",
+            &["bob@example.org", "x@far.test"],
+            "md fails"
+        )
+        .await
+    );
+    assert!(queue(&s).is_empty());
+    assert_eq!(std::fs::read_dir(queue_dir.join("tmp")).unwrap().count(), 0);
+    assert!(s.new_files("bob@example.org").is_empty());
+    // Over LMTP each recipient stands alone: the remote one is queued.
+    let r = pipeline.recipient("bob@example.org").await.unwrap();
+    let remote = Recipient {
+        address: "x@far.test".into(),
+        route: Arc::new(Route::Remote {
+            address: "x@far.test".into(),
+        }),
+    };
+    let envelope = Envelope {
+        id: letterbox::envelope::new_id(),
+        sender: "alice@example.org".into(),
+        recipients: vec![r, remote],
+        received: Received {
+            helo: "client.example".into(),
+            rdns: None,
+            ip: "127.0.0.1".parse().unwrap(),
+            by: "mx.example.org".into(),
+            with: "LMTP".into(),
+            tls: None,
+            date: letterbox::envelope::rfc5322_now(),
+        },
+        headers: String::new(),
+        quarantine: false,
+    };
+    let mut spool = Spool::new(1 << 20, None);
+    spool.write(b"Subject: lmtp\r\n\r\nx\r\n").unwrap();
+    let outcomes = pipeline
+        .deliver(&envelope, spool, None, Mode::PerRecipient)
+        .await;
+    assert_eq!(
+        outcomes,
+        [Err(letterbox::pipeline::Failure::QuotaExceeded), Ok(())]
+    );
+    assert_eq!(queue(&s).len(), 1);
+}
+
+#[tokio::test]
+async fn a_smarthost_takes_every_domain_in_one_transaction_and_routes_override_mx() {
+    let (relay, route) = ("127.0.9.2", "127.0.9.3");
+    let port = common_port(&[relay, route]);
+    // No MX records at all: only the relay and the route can deliver.
+    let dns = DnsServer::start(&["test"], &[]);
+    let hub = destination(
+        relay,
+        port,
+        "smtp.provider.test",
+        "x.test",
+        &["xavier"],
+        |_| {},
+    )
+    .await;
+    hub.directory.domain_add("y.test").await.unwrap();
+    hub.directory
+        .user_add("yves@y.test", Some('+'), None, 0)
+        .await
+        .unwrap();
+    let s = sender(&dns, port, |c| c.outbound.relay = format!("{relay}:{port}")).await;
+    assert!(
+        inject(
+            &s,
+            "alice@example.org",
+            &["xavier@x.test", "yves@y.test"],
+            "relayed"
+        )
+        .await
+    );
+    let x = wait_mail(&hub, "xavier@x.test", 1, Duration::from_secs(20)).await;
+    let y = wait_mail(&hub, "yves@y.test", 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        received_id(&x[0], "smtp.provider.test"),
+        received_id(&y[0], "smtp.provider.test"),
+        "one transaction to the smarthost"
+    );
+    let hop = destination(route, port, "mx.z.test", "z.test", &["zoe"], |_| {}).await;
+    let s2 = sender(&dns, 25, |c| {
+        c.outbound.routes = [("z.test".to_string(), format!("{route}:{port}"))].into();
+    })
+    .await;
+    assert!(inject(&s2, "alice@example.org", &["zoe@z.test"], "routed").await);
+    wait_mail(&hop, "zoe@z.test", 1, Duration::from_secs(20)).await;
+}

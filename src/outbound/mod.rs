@@ -401,7 +401,12 @@ impl Outbound {
                 .iter()
                 .filter(|r| r.status == Status::Queued && r.next_attempt <= now)
             {
-                let domain = r.domain();
+                // With a smarthost every recipient goes to the same place:
+                // one transaction for all of them.
+                let domain = match &self.relay {
+                    Some(relay) => relay.hop.clone(),
+                    None => r.domain(),
+                };
                 match groups.iter_mut().find(|(d, _)| *d == domain) {
                     Some((_, v)) => v.push(r.address.clone()),
                     None => groups.push((domain, vec![r.address.clone()])),
