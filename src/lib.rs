@@ -7,7 +7,7 @@
 //! in-memory sink.
 //!
 //! # Map of the modules
-//! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, check).
+//! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, queue, check).
 //! - [`config`]: the configuration as written: defaults, TOML file, `LETTERBOX_…` variables.
 //! - [`logging`]: the log on stderr, text or JSON, coloured only on a terminal without `NO_COLOR`.
 //! - [`blocking`]: blocking work moved off the async runtime, and the debug guard that proves it.
