@@ -1010,7 +1010,7 @@ async fn sigkill_with_a_full_queue_then_restart_delivers_each_message_once_and_t
         "{status}"
     );
     assert!(dsn.contains("<erin@b.test>: returned to the sender by the administrator"));
-    assert!(dsn.contains(&format!("Message-ID: <m0@example.org>")));
+    assert!(dsn.contains("Message-ID: <m0@example.org>"));
 
     // b.test starts accepting: everything left goes there, once.
     drop(sink_b);

@@ -710,7 +710,7 @@ impl Outbound {
                     return Err(other(format!("refused STARTTLS: {}", r.one_line())));
                 }
                 Err(ClientError::Tls(why)) => {
-                    let why = if enforce_text(strict, login) {
+                    let why = if strict {
                         format!(
                             "TLS required ({}) but the handshake failed: {why}; not delivered",
                             requirement(login, domain)
@@ -942,11 +942,6 @@ impl Outbound {
             Some(f) => Err(format!("{f:?}")),
         }
     }
-}
-
-/// Whether a failed handshake is a policy failure (worth saying so).
-fn enforce_text(strict: bool, _login: Option<&(String, String)>) -> bool {
-    strict
 }
 
 /// What demands TLS, for the error text.
