@@ -443,8 +443,9 @@ impl Default for OutboundConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// Where queued messages wait; empty is `<maildir.root>/.letterbox-queue`.
-    /// It must be on the maildir root's filesystem: a message is staged in
-    /// its `tmp/` and linked into place.
+    /// Entries are staged in its own `tmp/` and linked into place, so it
+    /// needs one local filesystem that honours fsync; by default it shares
+    /// the maildirs' (one disk to watch and back up).
     pub dir: PathBuf,
     /// How long a message may wait before it is returned to its sender.
     pub max_age: Duration,
