@@ -12,6 +12,7 @@
 //! This is the plain, validated value. Resolved runtime objects (pools, the
 //! TLS acceptor, the sink store) are built from it elsewhere.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,9 @@ pub struct Config {
     pub sink: SinkConfig,
     pub log: LogConfig,
     pub lmtp: LmtpConfig,
+    pub dns: DnsConfig,
+    pub outbound: OutboundConfig,
+    pub queue: QueueConfig,
     /// Milters, consulted in this order (`[[milters]]`).
     pub milters: Vec<MilterConfig>,
     /// Policy servers, consulted in this order (`[[policy]]`).
@@ -308,6 +312,9 @@ impl Default for Config {
             sink: SinkConfig::default(),
             log: LogConfig::default(),
             lmtp: LmtpConfig::default(),
+            dns: DnsConfig::default(),
+            outbound: OutboundConfig::default(),
+            queue: QueueConfig::default(),
             milters: Vec::new(),
             policy: Vec::new(),
             limits: LimitsConfig::default(),
@@ -445,6 +452,119 @@ impl Default for GreylistConfig {
     }
 }
 
+/// The DNS resolver shared by everything that looks names up (reverse DNS
+/// of clients, MX records for outbound mail, MTA-STS, SPF/DKIM/DNSBL).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers to ask (`["127.0.0.1:53"]`); empty uses
+    /// `/etc/resolv.conf`.
+    pub servers: Vec<SocketAddr>,
+    /// How long one query may take before it is tried again or fails.
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Mail leaving this server: where it goes (MX, a smarthost, per-domain
+/// routes), how it is protected (opportunistic STARTTLS, MTA-STS) and how
+/// many connections it may use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// A smarthost (`smtp.provider.net:587`) that every remote message goes
+    /// to instead of the recipients' MX; empty delivers directly.
+    pub relay: String,
+    /// With `relay`: log in with AUTH PLAIN as this user (only over TLS).
+    pub relay_username: String,
+    /// With `relay_username`: the file holding the password (its first
+    /// line), read once at start and never logged.
+    pub relay_password_file: PathBuf,
+    /// The port of remote MX servers (25; tests point it elsewhere).
+    pub port: u16,
+    /// Extra trust anchors (PEM), beside the system's, for MTA-STS policy
+    /// fetches and for MX and relay certificates.
+    pub ca_file: PathBuf,
+    /// Per-domain next hop instead of the MX: `{ "example.net" =
+    /// "10.0.0.5:25" }` (a host name or IP, with an optional port).
+    pub routes: BTreeMap<String, String>,
+    /// Outbound SMTP connections open at once, over all destinations.
+    pub max_connections: usize,
+    /// Outbound SMTP connections open at once to one destination domain.
+    pub max_connections_per_domain: usize,
+    /// How long connecting to one address may take before the next is tried.
+    pub connect_timeout: Duration,
+    /// Honour recipient domains' MTA-STS policies (RFC 8461).
+    pub mta_sts: bool,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            relay: String::new(),
+            relay_username: String::new(),
+            relay_password_file: PathBuf::new(),
+            port: 25,
+            ca_file: PathBuf::new(),
+            routes: BTreeMap::new(),
+            max_connections: 20,
+            max_connections_per_domain: 4,
+            connect_timeout: Duration::from_secs(30),
+            mta_sts: true,
+        }
+    }
+}
+
+/// The outbound queue on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Where queued messages wait; empty is `<maildir.root>/.letterbox-queue`.
+    /// Entries are staged in its own `tmp/` and linked into place, so it
+    /// needs one local filesystem that honours fsync; by default it shares
+    /// the maildirs' (one disk to watch and back up).
+    pub dir: PathBuf,
+    /// How long a message may wait before it is returned to its sender.
+    pub max_age: Duration,
+    /// Waits between attempts; the last repeats until `max_age`.
+    pub retry_schedule: Vec<Duration>,
+    /// How often the whole queue directory is read again, to pick up what
+    /// `letterbox queue …` changed (the CLI also wakes the server at once).
+    pub scan_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            dir: PathBuf::new(),
+            max_age: Duration::from_secs(5 * 86400),
+            retry_schedule: [60, 300, 900, 1800, 3600, 7200, 14400]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            scan_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Config {
+    /// The queue directory: `queue.dir`, else under the maildir root.
+    pub fn queue_dir(&self) -> PathBuf {
+        if self.queue.dir.as_os_str().is_empty() {
+            self.maildir.root.join(crate::queue::QUEUE_DIR)
+        } else {
+            self.queue.dir.clone()
+        }
+    }
+}
+
 /// The prefix of our environment variables.
 const ENV_PREFIX: &str = "LETTERBOX_";
 
@@ -568,6 +688,22 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key must be set together".into());
         }
+        if self.queue.retry_schedule.is_empty()
+            || self.queue.retry_schedule.iter().any(|d| d.0.is_zero())
+        {
+            return bad("queue.retry_schedule must list at least one wait, none of them 0".into());
+        }
+        if self.outbound.max_connections == 0 || self.outbound.max_connections_per_domain == 0 {
+            return bad("outbound.max_connections and outbound.max_connections_per_domain must be at least 1".into());
+        }
+        if !self.outbound.relay_username.is_empty()
+            && self.outbound.relay_password_file.as_os_str().is_empty()
+        {
+            return bad("outbound.relay_username needs outbound.relay_password_file".into());
+        }
+        if !self.outbound.relay_username.is_empty() && self.outbound.relay.is_empty() {
+            return bad("outbound.relay_username is set but outbound.relay is empty".into());
+        }
         if self.greylist.expire <= self.greylist.delay {
             return bad(format!(
                 "greylist.expire ({}) must be longer than greylist.delay ({}), or no retry could pass",
@@ -627,8 +763,8 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "delivery", "greylist", "hooks", "hostname", "limits", "lmtp", "log",
-                "maildir", "milters", "policy", "sink", "smtp", "tls"
+                "database", "delivery", "dns", "greylist", "hooks", "hostname", "limits", "lmtp",
+                "log", "maildir", "milters", "outbound", "policy", "queue", "sink", "smtp", "tls"
             ]
         );
     }

@@ -60,6 +60,16 @@ impl Envelope {
     /// The `Received:` field for the copy going to `rcpt`, folded, ending in
     /// CRLF. One copy names one recipient, so Bcc recipients stay hidden.
     pub fn received_header(&self, rcpt: &str) -> String {
+        self.received(Some(rcpt))
+    }
+
+    /// The `Received:` field naming no recipient: for a copy that goes to
+    /// several (a queued message for remote recipients).
+    pub fn received_header_without_for(&self) -> String {
+        self.received(None)
+    }
+
+    fn received(&self, rcpt: Option<&str>) -> String {
         let r = &self.received;
         let ip = match r.ip {
             IpAddr::V4(v4) => v4.to_string(),
@@ -73,8 +83,12 @@ impl Envelope {
             Some(t) => format!("\r\n\t({t})"),
             None => String::new(),
         };
+        let rcpt = match rcpt {
+            Some(r) => format!("for <{r}>; "),
+            None => "; ".into(),
+        };
         format!(
-            "Received: from {helo} ({rdns} [{ip}])\r\n\tby {by} with {with} id {id}{tls}\r\n\tfor <{rcpt}>; {date}\r\n",
+            "Received: from {helo} ({rdns} [{ip}])\r\n\tby {by} with {with} id {id}{tls}\r\n\t{rcpt}{date}\r\n",
             helo = r.helo,
             by = r.by,
             with = r.with,

@@ -7,7 +7,7 @@
 //! in-memory sink.
 //!
 //! # Map of the modules
-//! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, check).
+//! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, queue, check).
 //! - [`config`]: the configuration as written: defaults, TOML file, `LETTERBOX_…` variables.
 //! - [`logging`]: the log on stderr, text or JSON, coloured only on a terminal without `NO_COLOR`.
 //! - [`blocking`]: blocking work moved off the async runtime, and the debug guard that proves it.
@@ -17,6 +17,9 @@
 //! - [`directory`]: the SQL directory on SQLite, PostgreSQL or MySQL; admin changes and RCPT-time resolution.
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
+//! - [`queue`]: the outbound queue on disk: one message file and one state file per entry, durable before the 250; DSNs.
+//! - [`outbound`]: delivery of queued mail: MX lookup, SMTP client with STARTTLS, MTA-STS, smarthost, retries and bounces.
+//! - [`dns`]: the one DNS resolver of a running server, from `[dns]`.
 //! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping; delivery into pipe commands.
 //! - [`process`]: external programs (hooks, pipe commands): no shell, clean environment, bounded output, killed with their process group at a timeout.
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
@@ -44,6 +47,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod directory;
+pub mod dns;
 pub mod endpoint;
 pub mod envelope;
 pub mod greylist;
@@ -53,10 +57,12 @@ pub mod lmtp;
 pub mod logging;
 pub mod milter;
 pub mod net;
+pub mod outbound;
 pub mod password;
 pub mod pipeline;
 pub mod policy;
 pub mod process;
+pub mod queue;
 pub mod ratelimit;
 pub mod reply;
 pub mod runtime;

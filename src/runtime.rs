@@ -1,6 +1,6 @@
 //! The shared parts of a running server, outside any protocol: the
-//! directory, the maildirs, pipe commands, the sink, TLS, DNS, the
-//! connection limits and the rate limits.
+//! directory, the maildirs, pipe commands, the outbound queue, the sink,
+//! TLS, DNS, the connection limits and the rate limits.
 //! Built once from the [`Config`] (ripgrep's "hiargs": resolved objects,
 //! not values); every listener and every pipeline stage reads them here.
 
@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use hickory_resolver::TokioResolver;
 use tokio_rustls::TlsAcceptor;
 
 use crate::address;
@@ -16,6 +17,7 @@ use crate::delivery::Maildirs;
 use crate::delivery::pipe::Pipes;
 use crate::directory::Directory;
 use crate::limits::Connections;
+use crate::queue::Queue;
 use crate::ratelimit::RateLimits;
 use crate::sink::Sink;
 use crate::tls::TlsError;
@@ -38,7 +40,12 @@ pub struct Runtime {
     pub connections: Arc<Connections>,
     /// Replaced on SIGHUP; sessions take a clone when they upgrade.
     tls: RwLock<Option<TlsAcceptor>>,
-    resolver: Option<hickory_resolver::TokioResolver>,
+    /// The shared resolver, when reverse DNS of clients is on.
+    rdns: Option<TokioResolver>,
+    /// The one DNS resolver (`[dns]`), for everything that looks names up.
+    dns: TokioResolver,
+    /// The outbound queue, where mail for remote recipients waits.
+    pub queue: Queue,
     /// Connections, recipients and messages per client per window, one
     /// count across all listeners (`[limits]`).
     pub rate_limits: Arc<RateLimits>,
@@ -61,17 +68,14 @@ impl Runtime {
                 Ok((pattern, r.ttl.unwrap_or(config.sink.default_ttl).0))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let resolver = if config.smtp.reverse_dns {
-            match hickory_resolver::TokioResolver::builder_tokio() {
-                Ok(b) => Some(b.build()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no system DNS configuration; reverse DNS is off");
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        let dns = crate::dns::resolver(&config.dns);
+        let rdns = config.smtp.reverse_dns.then(|| dns.clone());
+        let queue_dir = config.queue_dir();
+        let queue = crate::blocking::run("opening the queue", move || {
+            Queue::open(&queue_dir, true)
+                .map_err(|e| anyhow::anyhow!("queue directory {}: {e}", queue_dir.display()))
+        })
+        .await??;
         let pipes = Pipes::new(&config.delivery).await?;
         let rt = Runtime {
             pipes,
@@ -80,7 +84,9 @@ impl Runtime {
             static_rules: Arc::new(static_rules),
             connections: Arc::default(),
             tls: RwLock::new(None),
-            resolver,
+            rdns,
+            dns,
+            queue,
             rate_limits: Arc::new(RateLimits::new(&config.limits)),
             config,
             directory,
@@ -107,6 +113,11 @@ impl Runtime {
         Ok(true)
     }
 
+    /// The DNS resolver built from `[dns]`, shared by every lookup.
+    pub fn resolver(&self) -> &TokioResolver {
+        &self.dns
+    }
+
     pub fn tls_available(&self) -> bool {
         self.tls.read().unwrap().is_some()
     }
@@ -118,7 +129,7 @@ impl Runtime {
     /// Starts the client's reverse DNS lookup in the background; it is
     /// awaited only when a trace header needs the name.
     pub fn start_rdns(&self, ip: IpAddr) -> Option<tokio::task::JoinHandle<Option<String>>> {
-        let resolver = self.resolver.clone()?;
+        let resolver = self.rdns.clone()?;
         Some(tokio::spawn(async move {
             let names = resolver.reverse_lookup(ip).await.ok()?;
             let name = names.iter().next()?.to_utf8();

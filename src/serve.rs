@@ -1,7 +1,8 @@
 //! `letterbox serve`: raises the open files limit, builds the runtime
 //! objects from the config (pools, maildirs, sink, TLS) and the pipeline,
-//! binds every listener (SMTP, LMTP, the sink's page), and runs until
-//! SIGTERM or SIGINT. SIGHUP reloads the TLS certificate and key.
+//! binds every listener (SMTP, LMTP, the sink's page), starts delivery of
+//! the outbound queue, and runs until SIGTERM or SIGINT. SIGHUP reloads the
+//! TLS certificate and key; SIGUSR1 makes the queue be read again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -97,6 +98,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(g) = greylist {
         tracker.spawn(g.purge_until(shutdown.clone()));
     }
+    // Delivery of the outbound queue, from what an earlier run left on.
+    let outbound = crate::outbound::Outbound::new(pipeline.clone()).await?;
+    tracker.spawn(outbound.run(shutdown.clone(), tracker.clone()));
     let mut smtp_addrs = Vec::new();
     for addr in &config.smtp.listen {
         let listener = TcpListener::bind(addr)

@@ -576,8 +576,14 @@ fn bad_input_is_one_line_and_changes_nothing() {
             "alias team@example.org already has one of those destinations",
         ),
         (
-            vec!["alias", "add", "x@example.org", "stranger@elsewhere.test"],
-            "destination stranger@elsewhere.test is neither a mailbox nor an alias here; destinations must be local",
+            vec![
+                "alias",
+                "add",
+                "x@example.org",
+                "stranger@elsewhere.test",
+                "bob@example.org",
+            ],
+            "an alias that forwards to another server has that one destination only; x@example.org cannot have more (use one alias per destination)",
         ),
         (
             vec![
@@ -587,7 +593,7 @@ fn bad_input_is_one_line_and_changes_nothing() {
                 "bob@example.org",
                 "ghost@example.org",
             ],
-            "destination ghost@example.org is neither a mailbox nor an alias here; destinations must be local",
+            "destination ghost@example.org is neither a mailbox nor an alias here; a destination in a domain served here must exist",
         ),
         (
             vec!["alias", "add", "alice@example.org", "bob@example.org"],

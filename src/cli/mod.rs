@@ -5,6 +5,7 @@
 mod alias;
 mod check;
 mod domain;
+mod queue;
 mod sink;
 mod user;
 
@@ -48,6 +49,9 @@ pub enum Command {
     /// Manage the rules that route mail to the ephemeral sink.
     #[command(subcommand)]
     Sink(SinkCmd),
+    /// Inspect and steer the outbound queue (works while the server runs).
+    #[command(subcommand)]
+    Queue(QueueCmd),
 }
 
 #[derive(Debug, Args)]
@@ -121,9 +125,10 @@ pub enum UserCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum AliasCmd {
-    /// Point SOURCE (local@domain, or @domain for a catch-all) at local mailboxes, aliases
-    /// or pipe commands ('|/path/to/program args', split on spaces, run without a shell).
-    /// A mailbox may be SOURCE when its own address is among the destinations.
+    /// Point SOURCE (local@domain, or @domain for a catch-all) at local mailboxes, aliases,
+    /// pipe commands ('|/path/to/program args', split on spaces, run without a shell), or
+    /// one address on another server (forwarded through the outbound queue). A mailbox may
+    /// be SOURCE when its own address is among the destinations.
     Add {
         source: String,
         #[arg(required = true)]
@@ -160,6 +165,32 @@ pub enum SinkCmd {
     Remove { pattern: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum QueueCmd {
+    /// List queued messages and where each recipient stands.
+    List {
+        #[command(flatten)]
+        fmt: ListFmt,
+    },
+    /// Show one queued message: its recipients and its header.
+    Show {
+        id: String,
+        #[command(flatten)]
+        fmt: ListFmt,
+    },
+    /// Try the queued recipients of an entry (or of every entry) now.
+    Retry {
+        id: Option<String>,
+        /// Every entry in the queue.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Delete an entry; its sender is not told.
+    Remove { id: String },
+    /// Give up on an entry's queued recipients and send its sender a DSN.
+    Bounce { id: String },
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (config, file) = Config::load(cli.config.as_deref())?;
@@ -185,6 +216,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User(cmd) => user::run(&open_migrated(&config).await?, &config, cmd).await,
         Command::Alias(cmd) => alias::run(&open_migrated(&config).await?, &config, cmd).await,
         Command::Sink(cmd) => sink::run(&open_migrated(&config).await?, &config, cmd).await,
+        Command::Queue(cmd) => queue::run(&config, cmd).await,
     }
 }
 

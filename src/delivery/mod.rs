@@ -187,6 +187,22 @@ impl Maildirs {
         spool: Arc<Spool>,
         mailboxes: &[Mailbox],
     ) -> Result<Delivered, DeliveryError> {
+        self.deliver_with(envelope, spool, mailboxes, None).await
+    }
+
+    /// [`Maildirs::deliver`] as one part of a larger all-or-nothing
+    /// delivery: `commit` runs (on the blocking pool) once every copy is
+    /// linked into `new/` and durable there, and makes the other part
+    /// durable (the queue entry). If it fails, every copy is removed again
+    /// and the delivery fails; if the copies fail first, it never runs and
+    /// is dropped (so what it would have committed is dropped too).
+    pub async fn deliver_with(
+        &self,
+        envelope: &Envelope,
+        spool: Arc<Spool>,
+        mailboxes: &[Mailbox],
+        commit: Option<Commit>,
+    ) -> Result<Delivered, DeliveryError> {
         let copies: Vec<Copy> = mailboxes
             .iter()
             .map(|m| Copy {
@@ -197,7 +213,7 @@ impl Maildirs {
             .collect();
         let inner = self.inner.clone();
         let id = envelope.id.clone();
-        let delivered = tokio::task::spawn_blocking(move || inner.deliver(&spool, &copies))
+        let delivered = tokio::task::spawn_blocking(move || inner.deliver(&spool, &copies, commit))
             .await
             .map_err(|e| DeliveryError::io((self.inner.root.clone(), io::Error::other(e))))?;
         if let Ok(d) = &delivered {
@@ -206,6 +222,10 @@ impl Maildirs {
         delivered
     }
 }
+
+/// The other part of an all-or-nothing delivery, made durable after the
+/// maildir copies and before they are final (see [`Maildirs::deliver_with`]).
+pub type Commit = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 /// One blocking step of a delivery, run beside its siblings.
 type Task = Box<dyn FnOnce() -> Result<(), PathError> + Send>;
@@ -335,6 +355,7 @@ impl Inner {
         self: &Arc<Self>,
         spool: &Spool,
         copies: &[Copy],
+        commit: Option<Commit>,
     ) -> Result<Delivered, DeliveryError> {
         let body = spool.len() - spool.crlf_count();
         let mut plans = Vec::with_capacity(copies.len());
@@ -413,6 +434,13 @@ impl Inner {
         for r in self.parallel.run(syncs) {
             r.unwrap_or_else(|_| Err(self.panicked()))
                 .map_err(DeliveryError::io)?;
+        }
+
+        // The copies are durable; the other part of the delivery commits
+        // now, or the staging's drop takes every copy back out of new/.
+        if let Some(commit) = commit {
+            crate::blocking::allowed(commit)
+                .map_err(|e| DeliveryError::io((self.root.clone(), e)))?;
         }
 
         // Durable. From here on nothing may fail the transaction.

@@ -313,6 +313,21 @@ impl Directory {
 
     // ---- aliases ----
 
+    /// Whether the alias already forwards to another server.
+    async fn alias_forwards(&self, source: &str) -> Result<bool> {
+        let sql = self.sql("SELECT destination FROM aliases WHERE source = ?");
+        let dests: Vec<(String,)> =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(source).fetch_all(p).await)?;
+        for (d,) in dests {
+            if let Some((_, domain)) = d.rsplit_once('@')
+                && !self.domain_exists(domain).await?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     async fn alias_exists(&self, source: &str) -> Result<bool> {
         Ok(self.destinations_of(source).await? > 0)
     }
@@ -334,7 +349,10 @@ impl Directory {
 
     /// Adds destinations to an alias. Each destination must be a local
     /// mailbox, another alias or a pipe command (`|/path/to/program args`,
-    /// see `pipe.rs`); loops are caught when mail is resolved.
+    /// see `pipe.rs`), or an address in a domain this server does not have
+    /// (forwarded there through the outbound queue); an alias that forwards
+    /// has that one destination only. Loops are caught when mail is
+    /// resolved.
     ///
     /// The source may be a mailbox only if the alias keeps the mailbox
     /// itself among its destinations: then its rows add a pipe or a forward
@@ -370,9 +388,21 @@ impl Directory {
             ));
         }
         let mut dests = Vec::new();
+        let mut forwards = false;
         for d in destinations {
+            let foreign = match d.rsplit_once('@') {
+                Some((_, dom)) if !pipe::is_pipe(d) => {
+                    !self.domain_exists(&address::domain_name(dom)?).await?
+                }
+                _ => false,
+            };
             let full = if pipe::is_pipe(d) {
                 pipe::normalize(d)?
+            } else if foreign {
+                // Its local part is the other server's business: any that
+                // SMTP can carry.
+                forwards = true;
+                Address::from_smtp(d)?.to_string()
             } else {
                 let a = Address::parse(d, delimiter)?;
                 let full = a.to_string();
@@ -385,13 +415,22 @@ impl Directory {
                     }
                 } else if !self.user_exists(&a).await? && !self.alias_exists(&full).await? {
                     return Err(DirectoryError::NotFound(format!(
-                        "destination {full} is neither a mailbox nor an alias here; destinations must be local"
+                        "destination {full} is neither a mailbox nor an alias here; a destination in a domain served here must exist"
                     )));
                 }
                 full
             };
             if !dests.contains(&full) {
                 dests.push(full);
+            }
+        }
+        if forwards || self.alias_forwards(&source).await? {
+            let existing = self.alias_exists(&source).await?;
+            if dests.len() > 1 || existing {
+                return Err(DirectoryError::Conflict(format!(
+                    "an alias that forwards to another server has that one destination only; \
+                     {source} cannot have more (use one alias per destination)"
+                )));
             }
         }
         let sql = self.sql("INSERT INTO aliases (domain, source, destination) VALUES (?, ?, ?)");

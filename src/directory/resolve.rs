@@ -68,6 +68,11 @@ pub enum Route {
     UnknownUser,
     /// The domain is not ours: accepting would be relaying.
     NotServed,
+    /// Leaves this server: queued and delivered to `address`'s MX (or the
+    /// smarthost, or a configured route). `address` is where the copy goes,
+    /// normalized; it may differ from the recipient the client gave (an
+    /// alias that forwards).
+    Remote { address: String },
 }
 
 impl Route {
@@ -88,12 +93,14 @@ impl Route {
     }
 }
 
-/// What expanding an address found: mailboxes, and pipes with the source
-/// (alias) that holds each.
+/// What expanding an address found: mailboxes, pipes with the source
+/// (alias) that holds each, and addresses on other servers.
 #[derive(Default)]
 struct Found {
     mailboxes: Vec<Mailbox>,
     pipes: Vec<(Vec<String>, String)>,
+    /// Destinations in domains this server does not have.
+    remote: Vec<String>,
 }
 
 impl Found {
@@ -114,7 +121,7 @@ impl Found {
     }
 
     fn is_empty(&self) -> bool {
-        self.mailboxes.is_empty() && self.pipes.is_empty()
+        self.mailboxes.is_empty() && self.pipes.is_empty() && self.remote.is_empty()
     }
 }
 
@@ -202,11 +209,31 @@ impl Directory {
                 self.expand(&format!("@{}", rcpt.domain), 0, &mut Vec::new(), &mut found)
                     .await?;
             }
-            if !found.is_empty() {
+            // `alias add` lets a remote destination be an alias's only
+            // one; a chain of aliases can still mix them, and a route has
+            // one kind. The local mailboxes and pipes win, loudly.
+            let local = !found.mailboxes.is_empty() || !found.pipes.is_empty();
+            if !found.remote.is_empty() && (local || found.remote.len() > 1) {
+                tracing::error!(
+                    rcpt = %rcpt,
+                    dropped = ?if local { &found.remote[..] } else { &found.remote[1..] },
+                    "an alias chain mixes destinations on other servers with others; only one kind is delivered"
+                );
+            }
+            if !local && let Some(address) = found.remote.first() {
+                // Forwarded off this server. SRS, when added, rewrites the
+                // envelope sender of such copies where they are queued
+                // (pipeline::deliver, `Remote`'s original address).
+                return Ok(Route::Remote {
+                    address: address.clone(),
+                });
+            }
+            if local {
                 let original = rcpt.to_string();
                 let Found {
                     mut mailboxes,
                     pipes,
+                    ..
                 } = found;
                 for m in &mut mailboxes {
                     // The recipient's own mailbox keeps its tag; any other
@@ -260,6 +287,15 @@ impl Directory {
             None if served => Route::UnknownUser,
             None => Route::NotServed,
         })
+    }
+
+    /// Whether the domain is in the directory at all (active or not): an
+    /// address in it is ours, never forwarded.
+    pub(super) async fn domain_exists(&self, domain: &str) -> Result<bool> {
+        let sql = self.sql("SELECT COUNT(*) FROM domains WHERE name = ?");
+        let (n,): (i64,) =
+            on_pool!(&self.pool, p => sqlx::query_as(sql).bind(domain).fetch_one(p).await)?;
+        Ok(n > 0)
     }
 
     async fn domain_active(&self, domain: &str) -> Result<bool> {
@@ -324,6 +360,13 @@ impl Directory {
                         }
                     }
                     path.pop();
+                    return Ok(());
+                }
+                // A destination in a domain we do not have: it leaves.
+                if depth > 0 && !self.domain_exists(domain).await? {
+                    if !out.remote.iter().any(|r| r == addr) {
+                        out.remote.push(addr.to_string());
+                    }
                     return Ok(());
                 }
             }

@@ -21,6 +21,15 @@
 //! delivered, the client gets that pipe's reply); a pipe that succeeded
 //! beside it gets a duplicate when the client retries. Duplicates beat
 //! loss, as with the sink-first rule below.
+//!
+//! Remote recipients ([`Route::Remote`]) go into one entry of the outbound
+//! queue (`crate::queue`), durable before the answer like a maildir copy.
+//! Under [`Mode::AllOrNothing`] the queue entry and the maildir copies are
+//! one unit: the entry is staged, the copies are staged and linked, the
+//! entry is committed, and only then are the copies final; any failure
+//! removes all of it. Under [`Mode::PerRecipient`] the queue entry is one
+//! more unit beside the mailboxes, and the remote recipients share its
+//! outcome.
 
 use std::sync::Arc;
 
@@ -167,16 +176,39 @@ impl Pipeline {
 
         // Which recipient's unit of delivery carries each mailbox's copy.
         let units = units(envelope, mode, &outcomes);
-        if units.is_empty() {
+        // Every remote recipient goes into one queue entry, whose outcome
+        // they share (as recipients reaching one mailbox share its copy).
+        let remote = remote(envelope);
+        if units.is_empty() && remote.recipients.is_empty() {
             return outcomes;
         }
         let spool = Arc::new(spool);
-        let results = join_all(
-            units
-                .iter()
-                .map(|u| self.maildirs(envelope, &spool, &u.mailboxes)),
-        )
-        .await;
+        if mode == Mode::AllOrNothing && !remote.recipients.is_empty() {
+            // Stage the queue entry, stage the maildir copies, then commit
+            // both; a failure anywhere removes everything staged.
+            let result = self
+                .queue_with_maildirs(envelope, &spool, &remote, units.first())
+                .await;
+            if let Err(f) = result {
+                return vec![Err(f); n];
+            }
+            return outcomes;
+        }
+        let queued = async {
+            if remote.recipients.is_empty() {
+                return Ok(());
+            }
+            self.queue_with_maildirs(envelope, &spool, &remote, None)
+                .await
+        };
+        let (results, queued) = futures_util::join!(
+            join_all(
+                units
+                    .iter()
+                    .map(|u| self.maildirs(envelope, &spool, &u.mailboxes)),
+            ),
+            queued
+        );
         for (unit, result) in units.iter().zip(results) {
             if let Err(f) = result {
                 for &i in &unit.recipients {
@@ -184,6 +216,11 @@ impl Pipeline {
                         outcomes[i] = Err(f.clone());
                     }
                 }
+            }
+        }
+        if let Err(f) = queued {
+            for &i in &remote.indices {
+                outcomes[i] = Err(f.clone());
             }
         }
         outcomes
@@ -209,16 +246,72 @@ impl Pipeline {
             })
     }
 
+    /// Puts the remote recipients' copy into the queue, together with the
+    /// maildir copies of `unit` when given: all of it is durable, or none
+    /// is kept.
+    async fn queue_with_maildirs(
+        &self,
+        envelope: &Envelope,
+        spool: &Arc<Spool>,
+        remote: &Remote,
+        unit: Option<&Unit>,
+    ) -> Result<(), Failure> {
+        let queue = self.runtime.queue.clone();
+        let (env, sp, rcpts) = (envelope.clone(), spool.clone(), remote.recipients.clone());
+        let staged = crate::blocking::run("staging a queue entry", move || {
+            queue.stage(&env, &sp, &rcpts)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let staged = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(id = %envelope.id, error = %e, "queueing failed; nothing delivered");
+                return Err(Failure::Local);
+            }
+        };
+        let commit = move || {
+            staged.commit().map(drop).map_err(|e| {
+                tracing::error!(error = %e, "committing a queue entry failed; nothing delivered");
+                std::io::Error::other(e.to_string())
+            })
+        };
+        match unit {
+            Some(u) => {
+                self.maildirs_then(envelope, spool, &u.mailboxes, Some(Box::new(commit)))
+                    .await
+            }
+            None => crate::blocking::run("committing a queue entry", commit)
+                .await
+                .map_err(|e| {
+                    tracing::error!(id = %envelope.id, error = %e, "queueing failed");
+                    Failure::Local
+                })?
+                .map_err(|_| Failure::Local),
+        }
+    }
+
     async fn maildirs(
         &self,
         envelope: &Envelope,
         spool: &Arc<Spool>,
         mailboxes: &[Mailbox],
     ) -> Result<(), Failure> {
+        self.maildirs_then(envelope, spool, mailboxes, None).await
+    }
+
+    async fn maildirs_then(
+        &self,
+        envelope: &Envelope,
+        spool: &Arc<Spool>,
+        mailboxes: &[Mailbox],
+        commit: Option<crate::delivery::Commit>,
+    ) -> Result<(), Failure> {
         match self
             .runtime
             .maildirs
-            .deliver(envelope, spool.clone(), mailboxes)
+            .deliver_with(envelope, spool.clone(), mailboxes, commit)
             .await
         {
             Ok(_) => Ok(()),
@@ -257,6 +350,30 @@ fn pipe_runs(envelope: &Envelope) -> Vec<PipeRun<'_>> {
         }
     }
     runs
+}
+
+/// The remote recipients of a transaction: where each copy goes (with the
+/// recipient as given, when an alias forwarded it), and which recipients
+/// share the queue entry's outcome.
+#[derive(Debug, Default)]
+struct Remote {
+    recipients: Vec<(String, Option<String>)>,
+    indices: Vec<usize>,
+}
+
+fn remote(envelope: &Envelope) -> Remote {
+    let mut out = Remote::default();
+    for (i, r) in envelope.recipients.iter().enumerate() {
+        let Route::Remote { address } = &*r.route else {
+            continue;
+        };
+        out.indices.push(i);
+        if !out.recipients.iter().any(|(a, _)| a == address) {
+            let original = (r.address != *address).then(|| r.address.clone());
+            out.recipients.push((address.clone(), original));
+        }
+    }
+    out
 }
 
 /// Mailboxes delivered together, all or nothing, and the recipients whose

@@ -94,6 +94,8 @@ impl Pipeline {
                     return Err(Refusal::SinkFull);
                 }
             }
+            // An alias that forwards: the queue takes it.
+            Route::Remote { .. } => {}
         }
         Ok(Recipient {
             address,

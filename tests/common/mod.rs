@@ -11,6 +11,7 @@
 
 pub mod daemons;
 pub mod db;
+pub mod dns_server;
 pub mod postfix;
 pub mod process;
 pub mod server;
