@@ -21,6 +21,9 @@
 //! - [`sink`]: the ephemeral in-memory catch-all: bounded store, sanitizing viewer, web page and JSON API.
 //! - [`tls`]: certificates and keys into a rustls server config.
 //! - [`limits`]: connection limits shared by every listener.
+//! - [`dns`]: the one DNS resolver (reverse DNS, SPF, DKIM, DMARC, DNSBLs) and what a failed lookup means.
+//! - [`auth`]: sender authentication: SPF, DKIM, DMARC and ARC verified into one Authentication-Results field.
+//! - [`dnsbl`]: DNS blocklists and allowlists asked about each SMTP client at connect, enforced at RCPT.
 //! - [`runtime`]: the shared parts of a running server (directory, maildirs, sink, TLS, DNS, limits), outside any protocol.
 //! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, delivery with per-recipient outcomes.
 //! - [`reply`]: every SMTP/LMTP reply, spelled in one place, including those for pipeline outcomes.
@@ -31,11 +34,14 @@
 //! See `docs/flow.md` for one message's path from connect to fsync.
 
 pub mod address;
+pub mod auth;
 pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod directory;
+pub mod dns;
+pub mod dnsbl;
 pub mod envelope;
 pub mod limits;
 pub mod lmtp;

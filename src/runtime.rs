@@ -13,6 +13,7 @@ use crate::address;
 use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
+use crate::dns::Dns;
 use crate::limits::Connections;
 use crate::sink::Sink;
 use crate::tls::TlsError;
@@ -33,7 +34,10 @@ pub struct Runtime {
     pub connections: Arc<Connections>,
     /// Replaced on SIGHUP; sessions take a clone when they upgrade.
     tls: RwLock<Option<TlsAcceptor>>,
-    resolver: Option<hickory_resolver::TokioResolver>,
+    /// The one DNS resolver (reverse DNS, SPF, DKIM, DMARC, DNSBLs; later
+    /// the outbound queue). None only when it could not be built and
+    /// nothing configured needs it.
+    pub dns: Option<Dns>,
 }
 
 impl Runtime {
@@ -53,16 +57,17 @@ impl Runtime {
                 Ok((pattern, r.ttl.unwrap_or(config.sink.default_ttl).0))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let resolver = if config.smtp.reverse_dns {
-            match hickory_resolver::TokioResolver::builder_tokio() {
-                Ok(b) => Some(b.build()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no system DNS configuration; reverse DNS is off");
-                    None
+        let dns = match Dns::new(&config.dns) {
+            Ok(dns) => Some(dns),
+            // Sender authentication and DNSBLs cannot run without DNS, and
+            // running without them would accept what they would refuse.
+            Err(e) if config.auth.any() || !config.dnsbl.is_empty() => return Err(e.into()),
+            Err(e) => {
+                if config.smtp.reverse_dns {
+                    tracing::warn!(error = %e, "reverse DNS is off");
                 }
+                None
             }
-        } else {
-            None
         };
         let rt = Runtime {
             hostname: config.hostname.clone(),
@@ -70,7 +75,7 @@ impl Runtime {
             static_rules: Arc::new(static_rules),
             connections: Arc::default(),
             tls: RwLock::new(None),
-            resolver,
+            dns,
             config,
             directory,
             maildirs,
@@ -107,7 +112,10 @@ impl Runtime {
     /// Starts the client's reverse DNS lookup in the background; it is
     /// awaited only when a trace header needs the name.
     pub fn start_rdns(&self, ip: IpAddr) -> Option<tokio::task::JoinHandle<Option<String>>> {
-        let resolver = self.resolver.clone()?;
+        if !self.config.smtp.reverse_dns {
+            return None;
+        }
+        let resolver = self.dns.as_ref()?.resolver().clone();
         Some(tokio::spawn(async move {
             let names = resolver.reverse_lookup(ip).await.ok()?;
             let name = names.iter().next()?.to_utf8();

@@ -11,10 +11,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
-use crate::pipeline::Pipeline;
+use crate::dnsbl::Dnsbl;
+use crate::pipeline::{Check, Pipeline};
 use crate::runtime::Runtime;
 use crate::sink::Sink;
 use crate::smtp::server::{Bound, Server};
@@ -75,7 +77,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let sink = Sink::new(&config.sink, config.smtp.max_message_size.0);
     let runtime = Arc::new(Runtime::new(config.clone(), directory, maildirs, sink).await?);
-    let pipeline = Arc::new(Pipeline::new(runtime.clone(), Vec::new()));
+    // Checks for every listener.
+    let checks: Vec<Arc<dyn Check>> = Vec::new();
+    // Checks of a client from the internet: its DNSBL listings and its
+    // sender authentication. LMTP clients are trusted local MTAs; what they
+    // hand over was checked (or not) where it arrived, and checking it here
+    // would judge their address instead of the sender's.
+    let trust = [Dnsbl::check(&runtime), Auth::check(&runtime)]
+        .into_iter()
+        .flatten();
+    let smtp_checks = trust.chain(checks.iter().cloned()).collect();
+    let pipeline = Arc::new(Pipeline::new(runtime.clone(), smtp_checks));
+    let lmtp_pipeline = Arc::new(Pipeline::new(runtime.clone(), checks));
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -92,7 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut lmtp = Vec::new();
     for addr in &config.lmtp.listen {
         let socket = crate::lmtp::bind(addr).await?;
-        let server = Server::with_protocol(pipeline.clone(), socket, Protocol::Lmtp);
+        let server = Server::with_protocol(lmtp_pipeline.clone(), socket, Protocol::Lmtp);
         let bound = server.bound()?;
         tracing::info!(local = %bound, "LMTP listening");
         lmtp.push(bound);
