@@ -89,7 +89,8 @@ impl Dns {
             )
         };
         opts.timeout = config.timeout.0;
-        opts.attempts = 2;
+        // One retry: two tries in all, as `dns.timeout` says.
+        opts.attempts = 1;
         let resolver =
             TokioResolver::builder_with_config(resolver_config, TokioConnectionProvider::default())
                 .with_options(opts)

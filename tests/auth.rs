@@ -400,6 +400,37 @@ async fn dkim_pass_altered_body_unknown_wrong_and_unreachable_key() {
     }
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_message_on_disk_is_verified_off_the_runtime() {
+    // Reading a spool file and parsing a large message assert (debug
+    // builds) that they run on the blocking pool, so this fails if the
+    // hand-off goes; on one thread a stall would show too.
+    let Some((dns, keys)) = setup() else { return };
+    let s = server(
+        &dns,
+        policy(SpfPolicy::Off, TAG, DmarcPolicy::Off, OFF),
+        |c| {
+            c.maildir.spool_memory_limit = letterbox::units::ByteSize(64 * 1024);
+        },
+    )
+    .await;
+    let mut c = connect(&s).await;
+    let big = message("s@pass.test", "big").replace(
+        "Hello.\r\n",
+        &"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(5_000),
+    );
+    let signed = dkim::sign(&big, "pass.test", "sel", &keys[0]);
+    let reply = send(&mut c, "client.example", "s@pass.test", &signed).await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(
+        auth_results(&stored(&s, "", "big")),
+        format!(
+            "Authentication-Results: mx.example.org;\n\tdkim=pass header.d=pass.test header.s=sel header.b={}\n",
+            dkim::header_b(&signed, "DKIM-Signature")
+        )
+    );
+}
+
 #[tokio::test]
 async fn dmarc_pass_reject_quarantine_and_none() {
     let Some((dns, keys)) = setup() else { return };
@@ -712,6 +743,12 @@ async fn a_dead_dns_server_accepts_nothing_wrongly() {
         |_| {},
     )
     .await;
+    let tagging = server(
+        &dns,
+        policy(SpfPolicy::Tag, OFF, DmarcPolicy::Off, OFF),
+        |_| {},
+    )
+    .await;
     dns.stop();
 
     // A DNSBL that does not answer lists nobody; DMARC that cannot be
@@ -738,6 +775,21 @@ async fn a_dead_dns_server_accepts_nothing_wrongly() {
         "451 4.7.24 SPF check of pass.test failed for a DNS error, try again later",
     )
     .await;
+
+    // Where nothing is enforced, the failure is reported as one.
+    let mut c = connect(&tagging).await;
+    let reply = send(
+        &mut c,
+        "client.example",
+        "s@pass.test",
+        &message("s@pass.test", "tagged"),
+    )
+    .await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(
+        auth_results(&stored(&tagging, "", "tagged")),
+        "Authentication-Results: mx.example.org;\n\tspf=temperror smtp.mailfrom=s@pass.test\n"
+    );
 }
 
 #[tokio::test]
