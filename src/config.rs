@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -68,6 +68,10 @@ pub struct Config {
     pub policy: Vec<PolicyConfig>,
     pub limits: LimitsConfig,
     pub greylist: GreylistConfig,
+    /// Sender authentication (SPF, DKIM, DMARC, ARC) and what it enforces.
+    pub auth: AuthConfig,
+    /// DNS blocklists and allowlists asked about every SMTP client.
+    pub dnsbl: Vec<DnsblConfig>,
     /// `LETTERBOX_…` variables that name no configuration key and were
     /// therefore ignored, as they were spelled. Not configuration itself:
     /// kept so that the warning can be given once the log is set up.
@@ -137,6 +141,9 @@ pub struct SmtpConfig {
     /// refused with 554 (pregreet detection, as Postfix's postscreen). 0
     /// still refuses a client whose bytes are already waiting at connect.
     pub greeting_delay: Duration,
+    /// A client whose DNSBL weights add up to this or more is refused at
+    /// RCPT (postmaster excepted).
+    pub dnsbl_threshold: i32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -232,6 +239,94 @@ pub struct LmtpConfig {
     pub socket_group: Option<String>,
 }
 
+/// The resolver every DNS lookup goes through.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers to ask (`127.0.0.1:53`); empty: the system's
+    /// `/etc/resolv.conf`.
+    pub servers: Vec<SocketAddr>,
+    /// How long one query waits for an answer (it is tried twice).
+    pub timeout: Duration,
+}
+
+/// What SPF does with its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpfPolicy {
+    /// Not reported (DMARC still evaluates SPF when it is on).
+    Off,
+    /// Reported in Authentication-Results; the MAIL reply does not wait.
+    Tag,
+    /// Also refuse a `fail` at MAIL FROM (550 5.7.23) and a `temperror`
+    /// (451 4.7.24); the MAIL reply waits for the lookup.
+    RejectFail,
+}
+
+/// A method that is only reported (DKIM, ARC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TagPolicy {
+    /// Not reported (DMARC still verifies DKIM when it is on).
+    Off,
+    /// Reported in Authentication-Results.
+    Tag,
+}
+
+/// What DMARC does with its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DmarcPolicy {
+    /// Not evaluated.
+    Off,
+    /// Reported in Authentication-Results only.
+    Tag,
+    /// Reported, and the domain's policy applied: p=reject refuses the
+    /// message (550 5.7.1), p=quarantine delivers it into `.Junk`.
+    Enforce,
+}
+
+/// Sender authentication of mail arriving over SMTP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub spf: SpfPolicy,
+    pub dkim: TagPolicy,
+    pub dmarc: DmarcPolicy,
+    pub arc: TagPolicy,
+    /// Also add a Received-SPF field (RFC 7208 §9.1).
+    pub received_spf: bool,
+}
+
+impl AuthConfig {
+    /// Whether any method runs at all.
+    pub fn any(&self) -> bool {
+        self.spf != SpfPolicy::Off
+            || self.dkim != TagPolicy::Off
+            || self.dmarc != DmarcPolicy::Off
+            || self.arc != TagPolicy::Off
+    }
+}
+
+/// One DNS blocklist (positive weight) or allowlist (negative weight).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsblConfig {
+    /// The list's zone, e.g. `zen.spamhaus.org`.
+    pub zone: String,
+    /// Added to the client's score when the list names it.
+    #[serde(default = "one")]
+    pub weight: i32,
+    /// Only these answers count as a listing; empty: any answer in
+    /// 127.0.0.0/8.
+    #[serde(default)]
+    pub codes: Vec<Ipv4Addr>,
+}
+
+fn one() -> i32 {
+    1
+}
+
 /// Where a listener accepts connections. Written as a string: `IP:PORT`
 /// (`127.0.0.1:2424`, `[::1]:2424`) or `unix:/ABSOLUTE/PATH`; [`Display`]
 /// gives back the same form.
@@ -319,6 +414,8 @@ impl Default for Config {
             policy: Vec::new(),
             limits: LimitsConfig::default(),
             greylist: GreylistConfig::default(),
+            auth: AuthConfig::default(),
+            dnsbl: Vec::new(),
             ignored_env: Vec::new(),
             delivery: DeliveryConfig::default(),
             hooks: Vec::new(),
@@ -353,6 +450,7 @@ impl Default for SmtpConfig {
             reverse_dns: true,
             shutdown_grace: Duration::from_secs(30),
             greeting_delay: Duration::from_secs(0),
+            dnsbl_threshold: 1,
         }
     }
 }
@@ -377,6 +475,27 @@ impl Default for SinkConfig {
             default_ttl: Duration::from_secs(3600),
             when_full: WhenFull::Evict,
             rules: Vec::new(),
+        }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            spf: SpfPolicy::Tag,
+            dkim: TagPolicy::Tag,
+            dmarc: DmarcPolicy::Enforce,
+            arc: TagPolicy::Tag,
+            received_spf: false,
         }
     }
 }
@@ -448,27 +567,6 @@ impl Default for GreylistConfig {
             expire: Duration::from_secs(2 * 86400),
             pass_for: Duration::from_secs(35 * 86400),
             allow: Network::loopback(),
-        }
-    }
-}
-
-/// The DNS resolver shared by everything that looks names up (reverse DNS
-/// of clients, MX records for outbound mail, MTA-STS, SPF/DKIM/DNSBL).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DnsConfig {
-    /// Name servers to ask (`["127.0.0.1:53"]`); empty uses
-    /// `/etc/resolv.conf`.
-    pub servers: Vec<SocketAddr>,
-    /// How long one query may take before it is tried again or fails.
-    pub timeout: Duration,
-}
-
-impl Default for DnsConfig {
-    fn default() -> Self {
-        DnsConfig {
-            servers: Vec::new(),
-            timeout: Duration::from_secs(5),
         }
     }
 }
@@ -710,6 +808,17 @@ impl Config {
                 self.greylist.expire, self.greylist.delay
             ));
         }
+        if self.dns.timeout.0.is_zero() {
+            return bad("dns.timeout must be more than 0s".into());
+        }
+        if self.smtp.dnsbl_threshold < 1 {
+            return bad("smtp.dnsbl_threshold must be at least 1".into());
+        }
+        for list in &self.dnsbl {
+            if crate::address::domain_name(&list.zone).is_err() {
+                return bad(format!("dnsbl zone {:?} is not a domain name", list.zone));
+            }
+        }
         Ok(())
     }
 
@@ -763,8 +872,9 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "delivery", "dns", "greylist", "hooks", "hostname", "limits", "lmtp",
-                "log", "maildir", "milters", "outbound", "policy", "queue", "sink", "smtp", "tls"
+                "auth", "database", "delivery", "dns", "dnsbl", "greylist", "hooks", "hostname",
+                "limits", "lmtp", "log", "maildir", "milters", "outbound", "policy", "queue",
+                "sink", "smtp", "tls"
             ]
         );
     }
@@ -852,6 +962,43 @@ mod tests {
                 )
             );
         }
+    }
+
+    #[test]
+    fn trust_sections_are_read_from_toml_and_checked() {
+        let read = |text: &str| {
+            Figment::from(Serialized::defaults(Config::default()))
+                .merge(Toml::string(text))
+                .extract::<Config>()
+                .map_err(|e| e.to_string())
+        };
+        let config = read(
+            "[auth]\nspf = \"reject-fail\"\ndmarc = \"tag\"\n\
+             [dns]\nservers = [\"127.0.0.1:5353\"]\ntimeout = \"2s\"\n\
+             [[dnsbl]]\nzone = \"zen.spamhaus.org\"\ncodes = [\"127.0.0.2\"]\n\
+             [[dnsbl]]\nzone = \"list.dnswl.org\"\nweight = -1\n",
+        )
+        .unwrap();
+        assert_eq!(config.auth.spf, SpfPolicy::RejectFail);
+        assert_eq!(config.auth.dkim, TagPolicy::Tag);
+        assert_eq!(config.auth.dmarc, DmarcPolicy::Tag);
+        assert_eq!(config.dns.servers, ["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(config.dnsbl.len(), 2);
+        assert_eq!(config.dnsbl[0].weight, 1);
+        assert_eq!(config.dnsbl[0].codes, [Ipv4Addr::new(127, 0, 0, 2)]);
+        assert_eq!(config.dnsbl[1].weight, -1);
+        assert!(config.validate().is_ok());
+        let err = read("[auth]\nspf = \"reject\"\n").unwrap_err();
+        assert!(err.contains("reject-fail"), "{err}");
+        let mut bad = config.clone();
+        bad.dnsbl[0].zone = "not a zone".into();
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "config: dnsbl zone \"not a zone\" is not a domain name"
+        );
+        let mut bad = config;
+        bad.smtp.dnsbl_threshold = 0;
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -28,6 +28,8 @@
 //! - [`net`]: IP networks as written in the config, and the groups clients are counted under.
 //! - [`ratelimit`]: connections, recipients and messages per client per window; the store the counts live in.
 //! - [`greylist`]: the check that defers an unknown (network, sender, recipient) at RCPT, its state in the directory.
+//! - [`auth`]: sender authentication: SPF, DKIM, DMARC and ARC verified into one Authentication-Results field.
+//! - [`dnsbl`]: DNS blocklists and allowlists asked about each SMTP client at connect, enforced at RCPT.
 //! - [`runtime`]: the shared parts of a running server (directory, maildirs, sink, TLS, DNS, limits), outside any protocol.
 //! - [`hooks`]: command hooks, chasquid-compatible programs that decide at a stage, as one pipeline check.
 //! - [`pipeline`]: the seam between a session and everything that decides about or stores a message: stages, checks and their verdicts, recipient resolution, the content's storage plan, message edits, delivery with per-recipient outcomes.
@@ -42,12 +44,14 @@
 //! See `docs/flow.md` for one message's path from connect to fsync.
 
 pub mod address;
+pub mod auth;
 pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod directory;
 pub mod dns;
+pub mod dnsbl;
 pub mod endpoint;
 pub mod envelope;
 pub mod greylist;

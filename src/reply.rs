@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use crate::pipeline::{Failure, Refusal};
 
@@ -352,6 +353,56 @@ impl Reply {
     /// line of its stderr (printable ASCII, bounded), or its exit status.
     pub fn pipe_refused(detail: &str) -> Reply {
         Reply::new(550, "5.3.0", format!("Delivery command failed: {detail}"))
+    }
+
+    // ---- trust checks (dnsbl.rs, auth/) ----
+
+    /// The client is on a DNS blocklist (RFC 5782); postmaster still gets
+    /// mail (RFC 5321 §4.5.1), and the reply says so.
+    pub fn dnsbl_listed(ip: IpAddr, zone: &str) -> Reply {
+        Reply::new(
+            554,
+            "5.7.1",
+            format!(
+                "Service unavailable; client [{ip}] is listed by {zone}; mail to postmaster is accepted"
+            ),
+        )
+    }
+    /// SPF said `fail` at MAIL FROM under `auth.spf = "reject-fail"`
+    /// (RFC 7372: 5.7.23 SPF validation failed).
+    pub fn spf_fail(domain: &str, ip: IpAddr) -> Reply {
+        Reply::new(
+            550,
+            "5.7.23",
+            format!("SPF check failed: {domain} does not allow {ip} to send its mail"),
+        )
+    }
+    /// SPF could not be evaluated for a DNS failure under `reject-fail`
+    /// (RFC 7372: 4.7.24 SPF validation error).
+    pub fn spf_temperror(domain: &str) -> Reply {
+        Reply::new(
+            451,
+            "4.7.24",
+            format!("SPF check of {domain} failed for a DNS error, try again later"),
+        )
+    }
+    /// The From domain's DMARC policy is p=reject and the message fails it
+    /// (RFC 7489 §6.6.2 suggests 5.7.1).
+    pub fn dmarc_reject(domain: &str) -> Reply {
+        Reply::new(
+            550,
+            "5.7.1",
+            format!("Message rejected by the DMARC policy of {domain}"),
+        )
+    }
+    /// DMARC could not be evaluated for a DNS failure, where its answer
+    /// would decide.
+    pub fn dmarc_temperror(domain: &str) -> Reply {
+        Reply::new(
+            451,
+            "4.4.3",
+            format!("DMARC check of {domain} failed for a DNS error, try again later"),
+        )
     }
 }
 

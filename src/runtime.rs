@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::delivery::pipe::Pipes;
 use crate::directory::Directory;
+use crate::dns::Dns;
 use crate::limits::Connections;
 use crate::queue::Queue;
 use crate::ratelimit::RateLimits;
@@ -40,10 +41,13 @@ pub struct Runtime {
     pub connections: Arc<Connections>,
     /// Replaced on SIGHUP; sessions take a clone when they upgrade.
     tls: RwLock<Option<TlsAcceptor>>,
-    /// The shared resolver, when reverse DNS of clients is on.
-    rdns: Option<TokioResolver>,
-    /// The one DNS resolver (`[dns]`), for everything that looks names up.
-    dns: TokioResolver,
+    /// The one DNS resolver (reverse DNS, SPF, DKIM, DMARC, DNSBLs; later
+    /// the outbound queue). None only when it could not be built and
+    /// nothing configured needs it.
+    pub dns: Option<Dns>,
+    /// What lookups use when `dns` could not be built: no name servers,
+    /// every lookup fails.
+    no_dns: TokioResolver,
     /// The outbound queue, where mail for remote recipients waits.
     pub queue: Queue,
     /// Connections, recipients and messages per client per window, one
@@ -68,8 +72,18 @@ impl Runtime {
                 Ok((pattern, r.ttl.unwrap_or(config.sink.default_ttl).0))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let dns = crate::dns::resolver(&config.dns);
-        let rdns = config.smtp.reverse_dns.then(|| dns.clone());
+        let dns = match Dns::new(&config.dns) {
+            Ok(dns) => Some(dns),
+            // Sender authentication and DNSBLs cannot run without DNS, and
+            // running without them would accept what they would refuse.
+            Err(e) if config.auth.any() || !config.dnsbl.is_empty() => return Err(e.into()),
+            Err(e) => {
+                if config.smtp.reverse_dns {
+                    tracing::warn!(error = %e, "reverse DNS is off");
+                }
+                None
+            }
+        };
         let queue_dir = config.queue_dir();
         let queue = crate::blocking::run("opening the queue", move || {
             Queue::open(&queue_dir, true)
@@ -84,8 +98,8 @@ impl Runtime {
             static_rules: Arc::new(static_rules),
             connections: Arc::default(),
             tls: RwLock::new(None),
-            rdns,
             dns,
+            no_dns: crate::dns::unreachable(),
             queue,
             rate_limits: Arc::new(RateLimits::new(&config.limits)),
             config,
@@ -115,7 +129,7 @@ impl Runtime {
 
     /// The DNS resolver built from `[dns]`, shared by every lookup.
     pub fn resolver(&self) -> &TokioResolver {
-        &self.dns
+        self.dns.as_ref().map_or(&self.no_dns, Dns::resolver)
     }
 
     pub fn tls_available(&self) -> bool {
@@ -129,7 +143,10 @@ impl Runtime {
     /// Starts the client's reverse DNS lookup in the background; it is
     /// awaited only when a trace header needs the name.
     pub fn start_rdns(&self, ip: IpAddr) -> Option<tokio::task::JoinHandle<Option<String>>> {
-        let resolver = self.rdns.clone()?;
+        if !self.config.smtp.reverse_dns {
+            return None;
+        }
+        let resolver = self.dns.as_ref()?.resolver().clone();
         Some(tokio::spawn(async move {
             let names = resolver.reverse_lookup(ip).await.ok()?;
             let name = names.iter().next()?.to_utf8();

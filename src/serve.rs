@@ -12,9 +12,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::delivery::Maildirs;
 use crate::directory::Directory;
+use crate::dnsbl::Dnsbl;
 use crate::greylist::Greylist;
 use crate::hooks::Hooks;
 use crate::milter::MilterCheck;
@@ -80,6 +82,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let sink = Sink::new(&config.sink, config.smtp.max_message_size.0);
     let runtime = Arc::new(Runtime::new(config.clone(), directory, maildirs, sink).await?);
+    // Checks for every listener, in the order their verdicts are merged.
     let mut checks: Vec<Arc<dyn Check>> = Vec::new();
     checks.extend(runtime.rate_limits.check());
     let greylist = (config.greylist.enabled)
@@ -91,7 +94,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         checks.push(Arc::new(Hooks::new(&config.hooks)?));
         tracing::info!(hooks = config.hooks.len(), "command hooks configured");
     }
-    let pipeline = Arc::new(Pipeline::new(runtime.clone(), checks));
+    // Checks of a client from the internet, first: its DNSBL listings and
+    // its sender authentication. LMTP clients are trusted local MTAs; what
+    // they hand over was checked (or not) where it arrived, and checking it
+    // here would judge their address instead of the sender's.
+    let trust = [Dnsbl::check(&runtime), Auth::check(&runtime)]
+        .into_iter()
+        .flatten();
+    let smtp_checks = trust.chain(checks.iter().cloned()).collect();
+    let pipeline = Arc::new(Pipeline::new(runtime.clone(), smtp_checks));
+    let lmtp_pipeline = Arc::new(Pipeline::new(runtime.clone(), checks));
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -114,7 +126,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut lmtp = Vec::new();
     for addr in &config.lmtp.listen {
         let socket = crate::lmtp::bind(addr, config.lmtp.socket_group.as_deref()).await?;
-        let server = Server::with_protocol(pipeline.clone(), socket, Protocol::Lmtp);
+        let server = Server::with_protocol(lmtp_pipeline.clone(), socket, Protocol::Lmtp);
         let bound = server.bound()?;
         tracing::info!(local = %bound, "LMTP listening");
         lmtp.push(bound);

@@ -50,6 +50,25 @@ impl Spool {
         }
     }
 
+    /// Another handle on the same content, for a reader on another thread
+    /// (the blocking pool): a file spool shares its file through a new
+    /// descriptor, a memory spool is copied.
+    pub fn try_clone(&self) -> io::Result<Spool> {
+        Ok(Spool {
+            memory: self.memory.clone(),
+            file: self
+                .file
+                .as_ref()
+                .map(std::fs::File::try_clone)
+                .transpose()?,
+            len: self.len,
+            crlf: self.crlf,
+            ends_in_cr: self.ends_in_cr,
+            memory_limit: self.memory_limit,
+            dir: self.dir.clone(),
+        })
+    }
+
     /// A new, empty spool with the same memory limit and directory.
     pub fn empty_like(&self) -> Spool {
         Spool::new(self.memory_limit, self.dir.clone())

@@ -12,6 +12,18 @@ use serde_json::{Value, json};
 /// A temporary working directory with its own database. Every command runs
 /// there with no `LETTERBOX_…` variable from the outside (the suites'
 /// `LETTERBOX_TEST_…` included), so only what a test sets counts.
+/// Turns off everything that would ask the system's resolver.
+const NO_DNS: [(&str, &str); 5] = [
+    ("LETTERBOX_SMTP__REVERSE_DNS", "false"),
+    ("LETTERBOX_AUTH__SPF", "off"),
+    ("LETTERBOX_AUTH__DKIM", "off"),
+    ("LETTERBOX_AUTH__DMARC", "off"),
+    ("LETTERBOX_AUTH__ARC", "off"),
+];
+
+/// What `check` says about DNS when nothing uses it.
+const DNS_UNUSED: &str = "ok    dns: not used (smtp.reverse_dns, [auth] and [[dnsbl]] are off)";
+
 struct Sandbox {
     dir: tempfile::TempDir,
     /// Set as `LETTERBOX_DATABASE__URL` unless None.
@@ -56,6 +68,10 @@ impl Sandbox {
         }
         if let Some(url) = &self.db_url {
             c.env("LETTERBOX_DATABASE__URL", url);
+        }
+        // Nothing that asks DNS, so `check` has no resolver to probe.
+        for (k, v) in NO_DNS {
+            c.env(k, v);
         }
         for (k, v) in &self.env {
             c.env(k, v);
@@ -822,7 +838,8 @@ fn embedded_defaults_serve_a_newcomer() {
          ok    database: sqlite://letterbox.db reachable and migrated\n\
          ok    maildir root: mail is writable\n\
          ok    tls: not configured; STARTTLS will not be offered\n\
-         ok    lmtp: off\n"
+         ok    lmtp: off\n\
+         ok    dns: not used (smtp.reverse_dns, [auth] and [[dnsbl]] are off)\n"
     );
     assert!(s.path().join("mail").is_dir());
 }
@@ -847,7 +864,8 @@ fn config_file_in_the_working_directory_is_picked_up() {
          ok    database: sqlite://from-file.db reachable and migrated\n\
          ok    maildir root: spool is writable\n\
          ok    tls: not configured; STARTTLS will not be offered\n\
-         ok    lmtp: off\n"
+         ok    lmtp: off\n\
+         ok    dns: not used (smtp.reverse_dns, [auth] and [[dnsbl]] are off)\n"
     );
 
     // --config wins over ./letterbox.toml, and the environment over both.
@@ -879,7 +897,7 @@ fn check_reports_each_failure_on_its_line() {
     assert!(!out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 5, "{stdout}");
+    assert_eq!(lines.len(), 6, "{stdout}");
     assert!(lines[0].starts_with("ok    config: "), "{stdout}");
     assert!(lines[1].starts_with("ok    database: "), "{stdout}");
     assert!(
@@ -888,6 +906,7 @@ fn check_reports_each_failure_on_its_line() {
     );
     assert!(lines[3].starts_with("ok    tls: "), "{stdout}");
     assert_eq!(lines[4], "ok    lmtp: off", "{stdout}");
+    assert_eq!(lines[5], DNS_UNUSED, "{stdout}");
     assert_eq!(
         String::from_utf8(out.stderr).unwrap(),
         "letterbox: 1 check(s) failed\n"

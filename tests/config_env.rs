@@ -260,6 +260,9 @@ fn check_with(extra: &str) -> (bool, String, tempfile::TempDir) {
 }
 
 /// The lines `check` prints before its LMTP lines, for a [`setup`] in `dir`.
+/// The last line of `check` when nothing asks DNS (write_config's servers).
+const DNS_UNUSED: &str = "ok    dns: not used (smtp.reverse_dns, [auth] and [[dnsbl]] are off)\n";
+
 fn check_head(dir: &Path) -> String {
     format!(
         "ok    config: loaded {config}\n\
@@ -292,7 +295,10 @@ fn an_lmtp_variable_is_checked_like_the_file() {
 fn check_says_lmtp_is_off_by_default() {
     let (ok, stdout, dir) = check_with("");
     assert!(ok);
-    assert_eq!(stdout, check_head(dir.path()) + "ok    lmtp: off\n");
+    assert_eq!(
+        stdout,
+        check_head(dir.path()) + "ok    lmtp: off\n" + DNS_UNUSED
+    );
 }
 
 #[test]
@@ -310,5 +316,6 @@ fn check_warns_about_a_public_lmtp_address_without_failing() {
                WARN  lmtp: 0.0.0.0:2424 is not a loopback address; LMTP has no authentication, so anyone who can reach it can deliver mail\n\
                ok    lmtp: [::ffff:127.0.0.1]:2425 is a loopback address\n\
                WARN  lmtp: [2001:db8::1]:24 is not a loopback address; LMTP has no authentication, so anyone who can reach it can deliver mail\n"
+            + DNS_UNUSED
     );
 }

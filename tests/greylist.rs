@@ -344,6 +344,7 @@ async fn spf_pass_for_a_domain_that_passed_before_skips_greylisting(url: String)
             content: None,
             local: false,
             spf_pass,
+            spf: None,
         };
         state.check(Stage::Rcpt, facts).await
     };

@@ -57,6 +57,7 @@ pub async fn run(config: &Config, file: Option<&Path>) -> anyhow::Result<()> {
     for line in lmtp_lines(&config.lmtp.listen) {
         println!("{line}");
     }
+    report(check_dns(config).await, "dns");
     if failed > 0 {
         anyhow::bail!("{failed} check(s) failed");
     }
@@ -82,6 +83,15 @@ fn lmtp_lines(listen: &[ListenAddr]) -> Vec<String> {
             ListenAddr::Unix(_) => format!("ok    lmtp: {addr} is a local socket"),
         })
         .collect()
+}
+
+/// Whether the resolver answers, when anything uses it.
+async fn check_dns(config: &Config) -> Result<String, String> {
+    if !config.smtp.reverse_dns && !config.auth.any() && config.dnsbl.is_empty() {
+        return Ok("not used (smtp.reverse_dns, [auth] and [[dnsbl]] are off)".into());
+    }
+    let dns = crate::dns::Dns::new(&config.dns).map_err(|e| e.to_string())?;
+    dns.probe(&config.hostname).await
 }
 
 /// Creates the root if needed and proves a file can be written and

@@ -85,9 +85,14 @@ pub struct Facts<'a> {
     /// The client came over a unix socket (local LMTP): `ip` is then a
     /// stand-in, 127.0.0.1.
     pub local: bool,
-    /// The domain SPF passed for, once an SPF check has said so; None
-    /// until then (and always, until letterbox checks SPF).
+    /// The domain whose SPF record passed (the MAIL FROM domain, or the
+    /// HELO name for the null sender), from the rcpt stage on: the session
+    /// awaits the SPF lookup the auth check started at MAIL.
     pub spf_pass: Option<&'a str>,
+    /// The transaction's SPF result, from the mail stage on: the auth
+    /// check starts the lookup here, and the session reads it for
+    /// `spf_pass` (see [`crate::auth::SpfSlot`]).
+    pub spf: Option<&'a crate::auth::SpfSlot>,
 }
 
 /// A header field a check adds to every copy, below our Received field.
@@ -109,6 +114,26 @@ impl Header {
             name: name.to_string(),
             value: value.trim().to_string(),
         })
+    }
+
+    /// A field whose value is folded over several lines (a long
+    /// Authentication-Results): every line break, LF or CRLF, must be
+    /// followed by a space or tab and more text, so no line can start a
+    /// field of its own; breaks are written CRLF.
+    pub fn folded(name: &str, value: &str) -> Option<Header> {
+        let mut lines = value.split('\n');
+        let first = lines.next().unwrap_or_default();
+        let mut out = Header::new(name, first.strip_suffix('\r').unwrap_or(first))?;
+        for line in lines {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            let continued = line.starts_with([' ', '\t']) && !line.trim().is_empty();
+            if !continued || line.bytes().any(|b| matches!(b, b'\r' | 0)) {
+                return None;
+            }
+            out.value.push_str("\r\n");
+            out.value.push_str(line.trim_end());
+        }
+        Some(out)
     }
 
     /// `Name: value` and CRLF.
@@ -139,6 +164,9 @@ pub enum Verdict {
     /// No objection, with several effects at once (a milter's end of
     /// message: edits and a quarantine).
     Pass(Effects),
+    /// Several of the above from one check, merged in order as if each
+    /// came from a check of its own (fields to add and a quarantine, say).
+    Several(Vec<Verdict>),
 }
 
 impl Verdict {
@@ -319,6 +347,7 @@ impl Checks {
 /// first quarantine's reason is kept.
 fn merge<'a>(stage: Stage, verdicts: impl Iterator<Item = (&'a str, Verdict)>) -> Decision {
     let mut effects = Effects::default();
+    let verdicts = verdicts.flat_map(|(check, v)| flatten(v).into_iter().map(move |v| (check, v)));
     for (check, verdict) in verdicts {
         match verdict {
             Verdict::Continue => {}
@@ -343,9 +372,18 @@ fn merge<'a>(stage: Stage, verdicts: impl Iterator<Item = (&'a str, Verdict)>) -
                 tracing::info!(check, ?stage, "message discarded by a check");
                 return Decision::Discard;
             }
+            Verdict::Several(_) => unreachable!("flattened above"),
         }
     }
     Decision::Pass(effects)
+}
+
+/// A verdict as the plain verdicts it stands for, in order.
+fn flatten(v: Verdict) -> Vec<Verdict> {
+    match v {
+        Verdict::Several(vs) => vs.into_iter().flat_map(flatten).collect(),
+        v => vec![v],
+    }
 }
 
 #[cfg(test)]
@@ -400,6 +438,33 @@ mod tests {
         assert_eq!(e.edits.len(), 1);
         let verdicts = vec![("a", Verdict::Discard), ("b", Verdict::reject(None))];
         assert_eq!(merge(Stage::Mail, verdicts.into_iter()), Decision::Discard);
+        // One check's several verdicts count as consecutive checks.
+        let verdicts = vec![
+            (
+                "a",
+                Verdict::Several(vec![
+                    Verdict::AddHeaders(vec![h("X-A")]),
+                    Verdict::Quarantine("junk".into()),
+                ]),
+            ),
+            ("b", Verdict::AddHeaders(vec![h("X-B")])),
+        ];
+        let Decision::Pass(e) = merge(Stage::Data, verdicts.into_iter()) else {
+            panic!("headers and a quarantine pass");
+        };
+        assert_eq!(e.headers, "X-A: v\r\nX-B: v\r\n");
+        assert_eq!(e.quarantine.as_deref(), Some("junk"));
+        let verdicts = vec![(
+            "a",
+            Verdict::Several(vec![
+                Verdict::AddHeaders(vec![h("X-A")]),
+                Verdict::tempfail(None),
+            ]),
+        )];
+        assert_eq!(
+            merge(Stage::Data, verdicts.into_iter()),
+            Decision::Refuse(Reply::check_tempfail())
+        );
     }
 
     #[test]
@@ -426,5 +491,14 @@ mod tests {
             Header::new("X-Spam", " yes ").unwrap().render(),
             "X-Spam: yes\r\n"
         );
+        assert_eq!(
+            Header::folded("A-R", "mx.example.org;\r\n\tspf=pass;\n dkim=none")
+                .unwrap()
+                .render(),
+            "A-R: mx.example.org;\r\n\tspf=pass;\r\n dkim=none\r\n"
+        );
+        assert!(Header::folded("A-R", "a\r\nBcc: x@y").is_none());
+        assert!(Header::folded("A-R", "a\r\n\t\r\nBcc: x@y").is_none());
+        assert!(Header::folded("A-R", "a\r\n \rb").is_none());
     }
 }

@@ -41,6 +41,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             rcpt_log: Vec::new(),
             effects: self.conn.effects.clone(),
             bdat: None,
+            spf: Default::default(),
         });
         let decision = self.stage(Stage::Mail, None, None).await;
         let tx = self.tx.as_mut().expect("begun above");

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::command::{self, Command};
+use crate::auth::SpfSlot;
 use crate::config::Config;
 use crate::envelope::Recipient;
 use crate::pipeline::{Checks, Decision, Effects, Facts, Pipeline, Stage};
@@ -118,6 +119,9 @@ pub(super) struct Transaction {
     pub effects: Effects,
     /// BDAT in progress.
     pub bdat: Option<super::data::Bdat>,
+    /// The SPF result, once the auth check starts it at MAIL; dropping
+    /// the transaction stops a lookup still running.
+    pub spf: SpfSlot,
 }
 
 /// What reading a line produced.
@@ -320,6 +324,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(checks) = conn.checks.as_mut() else {
             return Decision::Pass(Effects::default());
         };
+        // From RCPT on, checks (greylisting, hooks) see whether SPF passed;
+        // the lookup began at MAIL and is usually done by now.
+        let spf_pass = match (stage, tx.as_ref()) {
+            (Stage::Rcpt | Stage::Data, Some(t)) => t.spf.passed().await,
+            _ => None,
+        };
         let facts = Facts {
             ip: conn.ip,
             helo: helo.as_deref(),
@@ -330,8 +340,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             rcpt,
             content,
             local: conn.local,
-            // No SPF check yet; when one exists, the domain it passed for.
-            spf_pass: None,
+            spf_pass: spf_pass.as_deref(),
+            spf: tx.as_ref().map(|t| &t.spf),
         };
         checks.run(stage, facts).await
     }

@@ -34,10 +34,13 @@ pub struct Sections<'a> {
     pub tls: &'a str,
     pub maildir: &'a str,
     pub log: &'a str,
+    /// `[auth]`; empty turns every method off, so no test asks DNS.
+    pub auth: &'a str,
 }
 
 /// Writes `<dir>/letterbox.toml` for a test server: mx.example.org, the
-/// directory at `db_url`, SMTP on 127.0.0.1:0 without reverse DNS, maildirs
+/// directory at `db_url`, SMTP on 127.0.0.1:0 without reverse DNS or
+/// sender authentication (unless `extra.auth` says otherwise), maildirs
 /// in `<dir>/mail`, no sink page, plus `extra` in each section. Returns
 /// its path.
 pub fn write_config(dir: &Path, db_url: &str, extra: &Sections) -> PathBuf {
@@ -49,13 +52,19 @@ pub fn write_config(dir: &Path, db_url: &str, extra: &Sections) -> PathBuf {
          [tls]\n{tls}\n\
          [maildir]\nroot = \"{root}\"\n{maildir}\n\
          [sink]\nenabled = false\n\
-         [log]\n{log}\n",
+         [log]\n{log}\n\
+         [auth]\n{auth}\n",
         root = dir.join("mail").display(),
         database = extra.database,
         smtp = extra.smtp,
         tls = extra.tls,
         maildir = extra.maildir,
         log = extra.log,
+        auth = if extra.auth.is_empty() {
+            "spf = \"off\"\ndkim = \"off\"\ndmarc = \"off\"\narc = \"off\""
+        } else {
+            extra.auth
+        },
     );
     std::fs::write(&config, text).unwrap();
     config

@@ -20,7 +20,8 @@ pub struct TestServer {
     _tmp: tempfile::TempDir,
 }
 
-/// A config for tests: temp paths, port 0, no DNS, no cache.
+/// A config for tests: temp paths, port 0, no DNS (no reverse lookups,
+/// no sender authentication), no cache.
 pub fn test_config(tmp: &std::path::Path) -> Config {
     let mut c = Config {
         hostname: "mx.example.org".into(),
@@ -30,6 +31,13 @@ pub fn test_config(tmp: &std::path::Path) -> Config {
     c.database.cache_ttl = letterbox::units::Duration::from_secs(0);
     c.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
     c.smtp.reverse_dns = false;
+    c.auth = letterbox::config::AuthConfig {
+        spf: letterbox::config::SpfPolicy::Off,
+        dkim: letterbox::config::TagPolicy::Off,
+        dmarc: letterbox::config::DmarcPolicy::Off,
+        arc: letterbox::config::TagPolicy::Off,
+        received_spf: false,
+    };
     c.sink.enabled = false;
     c.maildir.root = tmp.join("mail");
     c
