@@ -21,6 +21,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::submission::Rate;
 use crate::units::{ByteSize, Duration};
 
 /// Where a config file is looked for when `--config` is not given, in order.
@@ -56,6 +57,8 @@ pub struct Config {
     pub sink: SinkConfig,
     pub log: LogConfig,
     pub lmtp: LmtpConfig,
+    pub submission: SubmissionConfig,
+    pub limits: LimitsConfig,
     /// `LETTERBOX_…` variables that name no configuration key and were
     /// therefore ignored, as they were spelled. Not configuration itself:
     /// kept so that the warning can be given once the log is set up.
@@ -212,6 +215,62 @@ pub struct LmtpConfig {
     pub listen: Vec<ListenAddr>,
 }
 
+/// Submission (RFC 6409, RFC 8314): mail from our own users' mail clients,
+/// who log in with their address and password and may then send to any
+/// domain. Both lists empty (the default) turns it off: an MX-only server
+/// needs none of it, and a submission port is a password-guessing target
+/// worth opening on purpose. Production sets `listen = ["0.0.0.0:587"]`
+/// and `listen_tls = ["0.0.0.0:465"]`; either needs `tls.cert` and `tls.key`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmissionConfig {
+    /// Addresses for submission with STARTTLS (port 587); AUTH is offered
+    /// only once TLS is on.
+    pub listen: Vec<SocketAddr>,
+    /// Addresses for submission over implicit TLS (port 465, RFC 8314):
+    /// TLS from the first byte.
+    pub listen_tls: Vec<SocketAddr>,
+    /// Password checks (argon2, about 19 MiB and tens of milliseconds of
+    /// CPU each) run at once, on the blocking pool; more wait their turn,
+    /// so a login flood cannot take every core or much memory. 0 (the
+    /// default) means one per CPU core.
+    pub auth_concurrency: usize,
+}
+
+impl SubmissionConfig {
+    /// Whether any submission listener is configured.
+    pub fn enabled(&self) -> bool {
+        !self.listen.is_empty() || !self.listen_tls.is_empty()
+    }
+
+    /// Password checks allowed at once.
+    pub fn auth_slots(&self) -> usize {
+        match self.auth_concurrency {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Limits on what one client may do in a window of time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Failed logins (AUTH) from one address (an IPv6 /64) per window;
+    /// past it the address is answered `421 4.7.0` on the submission
+    /// ports until the window has passed since the failure that reached it.
+    pub auth_failures: Rate,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            auth_failures: Rate::new(5, std::time::Duration::from_secs(600))
+                .expect("5/10m is a valid rate"),
+        }
+    }
+}
+
 /// Where a listener accepts connections. Written as a string: `IP:PORT`
 /// (`127.0.0.1:2424`, `[::1]:2424`) or `unix:/ABSOLUTE/PATH`; [`Display`]
 /// gives back the same form.
@@ -292,6 +351,8 @@ impl Default for Config {
             sink: SinkConfig::default(),
             log: LogConfig::default(),
             lmtp: LmtpConfig::default(),
+            submission: SubmissionConfig::default(),
+            limits: LimitsConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -484,6 +545,15 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key must be set together".into());
         }
+        // RFC 8314 §3, RFC 4954 §4: passwords never cross in plaintext, so
+        // a submission port without a certificate could never log anyone in.
+        if self.submission.enabled() && self.tls.cert.is_none() {
+            return bad(
+                "submission.listen and submission.listen_tls need tls.cert and tls.key: \
+                 logins are only accepted over TLS"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -514,7 +584,16 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "database", "hostname", "lmtp", "log", "maildir", "sink", "smtp", "tls"
+                "database",
+                "hostname",
+                "limits",
+                "lmtp",
+                "log",
+                "maildir",
+                "sink",
+                "smtp",
+                "submission",
+                "tls"
             ]
         );
     }
@@ -552,6 +631,43 @@ mod tests {
             ]
         );
         assert!(Config::default().warnings().is_empty());
+    }
+
+    #[test]
+    fn submission_is_off_by_default_and_needs_tls() {
+        let defaults = Config::default();
+        assert!(!defaults.submission.enabled());
+        assert_eq!(defaults.limits.auth_failures.to_string(), "5/10m");
+        let load = |toml: &str| -> Result<Config, ConfigError> {
+            let c: Config = Figment::from(Serialized::defaults(Config::default()))
+                .merge(Toml::string(toml))
+                .extract()
+                .map_err(Box::new)?;
+            c.validate()?;
+            Ok(c)
+        };
+        let err = load("[submission]\nlisten_tls = [\"127.0.0.1:465\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "config: submission.listen and submission.listen_tls need tls.cert and tls.key: \
+             logins are only accepted over TLS"
+        );
+        let c = load(
+            "[submission]\nlisten = [\"127.0.0.1:587\"]\nauth_concurrency = 3\n\
+             [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [limits]\nauth_failures = \"3/30s\"\n",
+        )
+        .unwrap();
+        assert!(c.submission.enabled());
+        assert_eq!(c.submission.auth_slots(), 3);
+        assert_eq!(c.limits.auth_failures.count(), 3);
+        assert_eq!(c.limits.auth_failures.window().as_secs(), 30);
+        let err = load("[limits]\nauth_failures = \"5\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.auth_failures"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::delivery::Maildirs;
 use crate::directory::Directory;
 use crate::limits::Connections;
 use crate::sink::Sink;
+use crate::submission::Logins;
 use crate::tls::TlsError;
 
 /// Everything shared by the sessions of every listener.
@@ -31,6 +32,8 @@ pub struct Runtime {
     pub static_rules: Arc<Vec<(String, Duration)>>,
     /// One count of open connections across all listeners.
     pub connections: Arc<Connections>,
+    /// Password checks and failed-login counts of the submission ports.
+    pub logins: Logins,
     /// Replaced on SIGHUP; sessions take a clone when they upgrade.
     tls: RwLock<Option<TlsAcceptor>>,
     resolver: Option<hickory_resolver::TokioResolver>,
@@ -69,6 +72,7 @@ impl Runtime {
             delimiter: config.subaddress_delimiter(),
             static_rules: Arc::new(static_rules),
             connections: Arc::default(),
+            logins: Logins::new(config.limits.auth_failures, config.submission.auth_slots()),
             tls: RwLock::new(None),
             resolver,
             config,

@@ -8,6 +8,7 @@
 //! hot recipient lookup pays no conversion.
 
 mod admin;
+mod dkim;
 mod resolve;
 
 use std::str::FromStr;
@@ -19,6 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 pub use admin::{AliasRow, DomainRow, SinkRuleRow, UserRow};
+pub use dkim::DkimKeyRow;
 pub use resolve::{Mailbox, Route};
 
 use crate::address::AddressError;

@@ -39,6 +39,10 @@ pub enum Route {
     UnknownUser,
     /// The domain is not ours: accepting would be relaying.
     NotServed,
+    /// A domain we do not serve, accepted from an authenticated client on
+    /// a submission port: the outbound queue delivers it to `address`.
+    /// The directory itself never answers this.
+    Remote { address: String },
 }
 
 /// A cached value and when it was fetched.
@@ -150,6 +154,23 @@ impl Directory {
             None if served => Route::UnknownUser,
             None => Route::NotServed,
         })
+    }
+
+    /// The mailboxes `addr` names as an identity: itself if it is a
+    /// mailbox (a `+tag` subaddress is its mailbox's), else the mailboxes
+    /// its aliases lead to, recursively. Never through the domain's
+    /// catch-all, which catches mail for names nobody holds and makes no
+    /// one their owner; never for a disabled domain. Not cached: asked once
+    /// per submitted message, the answer must be current.
+    pub async fn owners(&self, addr: &Address, delimiter: Option<char>) -> Result<Vec<Address>> {
+        if !self.domain_active(&addr.domain).await? {
+            return Ok(Vec::new());
+        }
+        let (base, _) = addr.without_subaddress(delimiter);
+        let mut found = Vec::new();
+        self.expand(&base.to_string(), 0, &mut Vec::new(), &mut found)
+            .await?;
+        Ok(found.into_iter().map(|m| m.address).collect())
     }
 
     async fn domain_active(&self, domain: &str) -> Result<bool> {

@@ -59,6 +59,27 @@ impl Pipeline {
     ) -> Outcomes {
         let n = envelope.recipients.len();
         let mut outcomes: Outcomes = vec![Ok(()); n];
+        // Remote recipients (relayed for an authenticated client) go to
+        // the outbound queue. TODO(queue): stage the message in the queue
+        // here, as one more target of the all-or-nothing delivery. Until
+        // this build has a queue, they fail with 451 4.3.0 and, over SMTP,
+        // before any copy is stored: never a 250 for mail kept nowhere.
+        let remote: Vec<usize> = (0..n)
+            .filter(|&i| matches!(*envelope.recipients[i].route, Route::Remote { .. }))
+            .collect();
+        if !remote.is_empty() {
+            tracing::error!(
+                id = %envelope.id,
+                remote = remote.len(),
+                "no outbound queue in this build; remote recipients fail with 451"
+            );
+            if mode == Mode::AllOrNothing {
+                return vec![Err(Failure::Local); n];
+            }
+            for &i in &remote {
+                outcomes[i] = Err(Failure::Local);
+            }
+        }
         // Sink copies first: if a maildir delivery then fails, the client
         // retries and the sink holds a duplicate, which beats losing a copy
         // after a 250.
