@@ -601,7 +601,7 @@ assert s.sendmail("alice+py@example.org", ["bob@example.org"], msg) == {{}}
 s.quit()
 print("ok")
 "#,
-        cafile = sub.cert.display().to_string(),
+        cafile = sub.cert.display(),
         starttls = sub.starttls.port(),
         implicit = sub.implicit.port(),
         password = PASSWORD,
