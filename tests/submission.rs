@@ -670,3 +670,134 @@ async fn swaks_submits_over_587_and_465() {
     assert_eq!(copies.len(), 2);
     assert!(copies.iter().all(|c| c.contains(" with ESMTPSA id ")));
 }
+
+/// A check that records the user it is shown at MAIL and changes the
+/// Subject at the end of data.
+struct Editor {
+    seen: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+struct EditorState {
+    seen: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+impl letterbox::pipeline::Check for Editor {
+    fn name(&self) -> &str {
+        "editor"
+    }
+    fn open(&self) -> Box<dyn letterbox::pipeline::CheckState> {
+        Box::new(EditorState {
+            seen: self.seen.clone(),
+        })
+    }
+}
+
+impl letterbox::pipeline::CheckState for EditorState {
+    fn check<'a>(
+        &'a mut self,
+        stage: letterbox::pipeline::Stage,
+        facts: letterbox::pipeline::Facts<'a>,
+    ) -> futures_util::future::BoxFuture<'a, letterbox::pipeline::Verdict> {
+        use letterbox::pipeline::{Edit, Stage, Verdict};
+        Box::pin(async move {
+            match stage {
+                Stage::Mail => {
+                    self.seen
+                        .lock()
+                        .unwrap()
+                        .push(facts.auth.map(str::to_string));
+                    Verdict::Continue
+                }
+                Stage::Data => Verdict::Modify(vec![Edit::ChangeHeader {
+                    name: "Subject".into(),
+                    index: 1,
+                    value: "[checked] hi".into(),
+                }]),
+                _ => Verdict::Continue,
+            }
+        })
+    }
+}
+
+/// Checks see the logged-in user (`Facts::auth`, for hooks' AUTH_AS and a
+/// milter's `{auth_authen}`), and the DKIM signature is made after their
+/// edits, on the final content: dkimpy verifies the edited message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_see_the_user_and_signing_follows_their_edits() {
+    use letterbox::dkim::{self, Algorithm};
+    let sub = start(|_| {}).await;
+    let key = letterbox::blocking::run("test key", || dkim::generate(Algorithm::Ed25519))
+        .await
+        .unwrap()
+        .unwrap();
+    let row = sub
+        .s
+        .directory
+        .dkim_add("example.org", "s1", &key)
+        .await
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let runtime = sub.s.running.as_ref().unwrap().runtime.clone();
+    let pipeline = Arc::new(letterbox::pipeline::Pipeline::new(
+        runtime,
+        vec![Arc::new(Editor { seen: seen.clone() })],
+    ));
+    // A submission session over an in-memory stream, as if inside TLS.
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let mut conn = letterbox::smtp::session::Connection::new("192.0.2.9".parse().unwrap());
+    conn.submission = true;
+    conn.tls = Some("TLSv1.3:TEST".into());
+    let session = letterbox::smtp::Session::new(
+        server,
+        pipeline,
+        conn,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    tokio::spawn(session.run(true));
+    let mut c = Client::new(client);
+    c.greeting().await;
+    let ehlo = c.cmd_prefix("EHLO client.example", "250-").await;
+    assert!(ehlo.ends_with("250 AUTH PLAIN LOGIN\r\n"), "{ehlo}");
+    c.cmd(
+        &format!("AUTH PLAIN {}", plain("alice@example.org", PASSWORD)),
+        AUTH_OK,
+    )
+    .await;
+    let reply = c
+        .send_mail_authed(
+            "alice@example.org",
+            &["bob@example.org"],
+            "From: alice@example.org\r\nSubject: hi\r\n\r\nbody\r\n",
+        )
+        .await;
+    assert!(reply.starts_with("250 2.0.0 Ok: delivered as "), "{reply}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [Some("alice@example.org".to_string())]
+    );
+    let file = sub.s.new_files("bob@example.org").pop().unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\nSubject: [checked] hi\n"), "{text}");
+    assert!(text.contains(" with ESMTPSA id "), "{text}");
+    let script = format!(
+        r#"
+import dkim
+record = {record:?}
+name, _, value = record.partition(" IN TXT ")
+def dnsfunc(n, timeout=5):
+    n = n.decode() if isinstance(n, bytes) else n
+    return value.strip()[1:-1].encode() if n.rstrip(".") == name.rstrip(".") else None
+msg = open({path:?}, "rb").read().replace(b"\n", b"\r\n")
+assert dkim.DKIM(msg).verify(dnsfunc=dnsfunc)
+print("ok")
+"#,
+        record = row.dns_record(),
+        path = file.display().to_string(),
+    );
+    let out = run("/usr/bin/python3", vec!["-c".into(), script]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
