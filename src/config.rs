@@ -72,6 +72,7 @@ pub struct Config {
     pub auth: AuthConfig,
     /// DNS blocklists and allowlists asked about every SMTP client.
     pub dnsbl: Vec<DnsblConfig>,
+    pub submission: SubmissionConfig,
     /// `LETTERBOX_…` variables that name no configuration key and were
     /// therefore ignored, as they were spelled. Not configuration itself:
     /// kept so that the warning can be given once the log is set up.
@@ -327,6 +328,43 @@ fn one() -> i32 {
     1
 }
 
+/// Submission (RFC 6409, RFC 8314): mail from our own users' mail clients,
+/// who log in with their address and password and may then send to any
+/// domain. Both lists empty (the default) turns it off: an MX-only server
+/// needs none of it, and a submission port is a password-guessing target
+/// worth opening on purpose. Production sets `listen = ["0.0.0.0:587"]`
+/// and `listen_tls = ["0.0.0.0:465"]`; either needs `tls.cert` and `tls.key`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmissionConfig {
+    /// Addresses for submission with STARTTLS (port 587); AUTH is offered
+    /// only once TLS is on.
+    pub listen: Vec<SocketAddr>,
+    /// Addresses for submission over implicit TLS (port 465, RFC 8314):
+    /// TLS from the first byte.
+    pub listen_tls: Vec<SocketAddr>,
+    /// Password checks (argon2, about 19 MiB and tens of milliseconds of
+    /// CPU each) run at once, on the blocking pool; more wait their turn,
+    /// so a login flood cannot take every core or much memory. 0 (the
+    /// default) means one per CPU core.
+    pub auth_concurrency: usize,
+}
+
+impl SubmissionConfig {
+    /// Whether any submission listener is configured.
+    pub fn enabled(&self) -> bool {
+        !self.listen.is_empty() || !self.listen_tls.is_empty()
+    }
+
+    /// Password checks allowed at once.
+    pub fn auth_slots(&self) -> usize {
+        match self.auth_concurrency {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 /// Where a listener accepts connections. Written as a string: `IP:PORT`
 /// (`127.0.0.1:2424`, `[::1]:2424`) or `unix:/ABSOLUTE/PATH`; [`Display`]
 /// gives back the same form.
@@ -416,6 +454,7 @@ impl Default for Config {
             greylist: GreylistConfig::default(),
             auth: AuthConfig::default(),
             dnsbl: Vec::new(),
+            submission: SubmissionConfig::default(),
             ignored_env: Vec::new(),
             delivery: DeliveryConfig::default(),
             hooks: Vec::new(),
@@ -528,6 +567,10 @@ pub struct LimitsConfig {
     /// Networks never rate limited; loopback by default, since a local
     /// client is the operator's own.
     pub exempt: Vec<Network>,
+    /// Failed logins (AUTH) from one address (an IPv6 /64) per window;
+    /// past it the address is answered `421 4.7.0` on the submission
+    /// ports until the window has passed since the failure that reached it.
+    pub auth_failures: Rate,
 }
 
 impl Default for LimitsConfig {
@@ -538,6 +581,7 @@ impl Default for LimitsConfig {
             recipients_per_ip: rate(300, 60),
             connections_per_ip: rate(30, 60),
             exempt: Network::loopback(),
+            auth_failures: rate(5, 600).expect("5/10m is a valid rate"),
         }
     }
 }
@@ -819,6 +863,15 @@ impl Config {
                 return bad(format!("dnsbl zone {:?} is not a domain name", list.zone));
             }
         }
+        // RFC 8314 §3, RFC 4954 §4: passwords never cross in plaintext, so
+        // a submission port without a certificate could never log anyone in.
+        if self.submission.enabled() && self.tls.cert.is_none() {
+            return bad(
+                "submission.listen and submission.listen_tls need tls.cert and tls.key: \
+                 logins are only accepted over TLS"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -872,9 +925,26 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "auth", "database", "delivery", "dns", "dnsbl", "greylist", "hooks", "hostname",
-                "limits", "lmtp", "log", "maildir", "milters", "outbound", "policy", "queue",
-                "sink", "smtp", "tls"
+                "auth",
+                "database",
+                "delivery",
+                "dns",
+                "dnsbl",
+                "greylist",
+                "hooks",
+                "hostname",
+                "limits",
+                "lmtp",
+                "log",
+                "maildir",
+                "milters",
+                "outbound",
+                "policy",
+                "queue",
+                "sink",
+                "smtp",
+                "submission",
+                "tls"
             ]
         );
     }
@@ -912,6 +982,43 @@ mod tests {
             ]
         );
         assert!(Config::default().warnings().is_empty());
+    }
+
+    #[test]
+    fn submission_is_off_by_default_and_needs_tls() {
+        let defaults = Config::default();
+        assert!(!defaults.submission.enabled());
+        assert_eq!(defaults.limits.auth_failures.to_string(), "5/10m");
+        let load = |toml: &str| -> Result<Config, ConfigError> {
+            let c: Config = Figment::from(Serialized::defaults(Config::default()))
+                .merge(Toml::string(toml))
+                .extract()
+                .map_err(Box::new)?;
+            c.validate()?;
+            Ok(c)
+        };
+        let err = load("[submission]\nlisten_tls = [\"127.0.0.1:465\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "config: submission.listen and submission.listen_tls need tls.cert and tls.key: \
+             logins are only accepted over TLS"
+        );
+        let c = load(
+            "[submission]\nlisten = [\"127.0.0.1:587\"]\nauth_concurrency = 3\n\
+             [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [limits]\nauth_failures = \"3/30s\"\n",
+        )
+        .unwrap();
+        assert!(c.submission.enabled());
+        assert_eq!(c.submission.auth_slots(), 3);
+        assert_eq!(c.limits.auth_failures.count(), 3);
+        assert_eq!(c.limits.auth_failures.window().as_secs(), 30);
+        let err = load("[limits]\nauth_failures = \"5\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.auth_failures"), "{err}");
     }
 
     #[test]

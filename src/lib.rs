@@ -7,13 +7,15 @@
 //! in-memory sink.
 //!
 //! # Map of the modules
-//! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, queue, check).
+//! - [`cli`]: the command line, one module per noun (domain, user, alias, sink, queue, dkim, check).
 //! - [`config`]: the configuration as written: defaults, TOML file, `LETTERBOX_…` variables.
 //! - [`logging`]: the log on stderr, text or JSON, coloured only on a terminal without `NO_COLOR`.
 //! - [`blocking`]: blocking work moved off the async runtime, and the debug guard that proves it.
 //! - [`units`]: durations (`1h`) and sizes (`500M`) as people write them.
 //! - [`address`]: the one place addresses become canonical (case, IDNA, safe local parts).
 //! - [`password`]: `{ARGON2ID}` hashes that Dovecot verifies.
+//! - [`submission`]: our users sending mail (RFC 6409): SASL PLAIN/LOGIN, password checks bounded and off the runtime, failed-login lockout.
+//! - [`dkim`]: DKIM keys (generated, published as DNS records) and signatures on submitted mail.
 //! - [`directory`]: the SQL directory on SQLite, PostgreSQL or MySQL; admin changes and RCPT-time resolution.
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
@@ -50,6 +52,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod directory;
+pub mod dkim;
 pub mod dns;
 pub mod dnsbl;
 pub mod endpoint;
@@ -74,5 +77,6 @@ pub mod serve;
 pub mod sink;
 pub mod smtp;
 pub mod spool;
+pub mod submission;
 pub mod tls;
 pub mod units;

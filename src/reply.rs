@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use crate::pipeline::{Failure, Refusal};
+use crate::pipeline::{Failure, Refusal, SealError};
 
 /// One SMTP reply: a code, an optional enhanced status, and one or more
 /// lines of text.
@@ -157,6 +157,77 @@ impl Reply {
     }
     pub fn tls_already_active() -> Reply {
         Reply::new(503, "5.5.1", "TLS already active")
+    }
+
+    // ---- AUTH (RFC 4954) and submission (RFC 6409) ----
+
+    /// A SASL challenge: `334` and base64 text (empty for PLAIN's).
+    pub fn auth_challenge(base64: &'static str) -> Reply {
+        Reply::new(334, "", base64)
+    }
+    pub fn auth_ok() -> Reply {
+        Reply::new(235, "2.7.0", "Authentication successful")
+    }
+    pub fn auth_failed() -> Reply {
+        Reply::new(535, "5.7.8", "Authentication credentials invalid")
+    }
+    /// The client answered a challenge with `*`.
+    pub fn auth_cancelled() -> Reply {
+        Reply::new(501, "5.7.0", "Authentication cancelled")
+    }
+    pub fn auth_bad_base64() -> Reply {
+        Reply::new(501, "5.5.2", "Cannot decode response")
+    }
+    pub fn auth_line_too_long() -> Reply {
+        Reply::new(500, "5.5.6", "Authentication exchange line is too long")
+    }
+    pub fn auth_unknown_mechanism() -> Reply {
+        Reply::new(504, "5.5.4", "Unrecognized authentication type")
+    }
+    /// AUTH before TLS: never offered, never accepted (RFC 4954 §4, §6).
+    pub fn auth_needs_tls() -> Reply {
+        Reply::new(
+            538,
+            "5.7.11",
+            "Encryption required for requested authentication mechanism",
+        )
+    }
+    /// MAIL on a submission port before a successful AUTH.
+    pub fn auth_required() -> Reply {
+        Reply::new(530, "5.7.0", "Authentication required")
+    }
+    pub fn auth_unavailable() -> Reply {
+        Reply::new(454, "4.7.0", "Temporary authentication failure")
+    }
+    /// `limits.auth_failures` reached: to AUTH, or instead of the greeting
+    /// on a submission port; the connection is closed.
+    pub fn auth_locked_out() -> Reply {
+        Reply::new(
+            421,
+            "4.7.0",
+            "Too many failed logins from your address, try again later",
+        )
+    }
+    /// MAIL FROM an address the authenticated user does not own.
+    pub fn sender_not_owned() -> Reply {
+        Reply::new(
+            553,
+            "5.7.1",
+            "Sender address not owned by the authenticated user",
+        )
+    }
+    /// A From: header address the authenticated user does not own, at the
+    /// end of data (RFC 5321 §4.3.2 lists 550, not 553, after DATA).
+    pub fn from_not_owned() -> Reply {
+        Reply::new(
+            550,
+            "5.7.1",
+            "From header address not owned by the authenticated user",
+        )
+    }
+    /// A recipient domain that says it takes no mail (RFC 7505 §4.2).
+    pub fn null_mx() -> Reply {
+        Reply::new(556, "5.1.10", "Recipient address has null MX")
     }
 
     // ---- MAIL ----
@@ -420,6 +491,16 @@ impl From<&Failure> for Reply {
     }
 }
 
+impl From<&SealError> for Reply {
+    /// Why the last step of a submitted message refused it.
+    fn from(e: &SealError) -> Reply {
+        match e {
+            SealError::FromNotOwned => Reply::from_not_owned(),
+            SealError::Local => Reply::local_error(),
+        }
+    }
+}
+
 impl From<&Refusal> for Reply {
     /// Why the pipeline refused a recipient, as the reply to its RCPT.
     fn from(r: &Refusal) -> Reply {
@@ -431,6 +512,7 @@ impl From<&Refusal> for Reply {
             Refusal::SinkFull => Reply::sink_full(),
             Refusal::DirectoryUnavailable => Reply::directory_unavailable(),
             Refusal::Local => Reply::local_error(),
+            Refusal::NullMx => Reply::null_mx(),
             Refusal::Check(reply) => reply.clone(),
         }
     }

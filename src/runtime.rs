@@ -21,6 +21,7 @@ use crate::limits::Connections;
 use crate::queue::Queue;
 use crate::ratelimit::RateLimits;
 use crate::sink::Sink;
+use crate::submission::Logins;
 use crate::tls::TlsError;
 
 /// Everything shared by the sessions of every listener.
@@ -39,6 +40,8 @@ pub struct Runtime {
     pub static_rules: Arc<Vec<(String, Duration)>>,
     /// One count of open connections across all listeners.
     pub connections: Arc<Connections>,
+    /// Password checks and failed-login counts of the submission ports.
+    pub logins: Logins,
     /// Replaced on SIGHUP; sessions take a clone when they upgrade.
     tls: RwLock<Option<TlsAcceptor>>,
     /// The one DNS resolver (reverse DNS, SPF, DKIM, DMARC, DNSBLs; later
@@ -97,6 +100,7 @@ impl Runtime {
             delimiter: config.subaddress_delimiter(),
             static_rules: Arc::new(static_rules),
             connections: Arc::default(),
+            logins: Logins::new(config.limits.auth_failures, config.submission.auth_slots()),
             tls: RwLock::new(None),
             dns,
             no_dns: crate::dns::unreachable(),

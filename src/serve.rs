@@ -1,8 +1,9 @@
 //! `letterbox serve`: raises the open files limit, builds the runtime
 //! objects from the config (pools, maildirs, sink, TLS) and the pipeline,
-//! binds every listener (SMTP, LMTP, the sink's page), starts delivery of
-//! the outbound queue, and runs until SIGTERM or SIGINT. SIGHUP reloads the
-//! TLS certificate and key; SIGUSR1 makes the queue be read again.
+//! binds every listener (SMTP, LMTP, submission, the sink's page), starts
+//! delivery of the outbound queue, and runs until SIGTERM or SIGINT. SIGHUP
+//! reloads the TLS certificate and key; SIGUSR1 makes the queue be read
+//! again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,10 @@ pub struct Running {
     pub smtp_addrs: Vec<SocketAddr>,
     /// Where LMTP listens, when configured.
     pub lmtp: Vec<Bound>,
+    /// Where submission with STARTTLS listens (`submission.listen`).
+    pub submission_addrs: Vec<SocketAddr>,
+    /// Where submission over implicit TLS listens (`submission.listen_tls`).
+    pub submissions_addrs: Vec<SocketAddr>,
     /// Where the sink's web page and API listen, when enabled.
     pub http_addr: Option<SocketAddr>,
     pub runtime: Arc<Runtime>,
@@ -132,6 +137,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         lmtp.push(bound);
         tracker.spawn(server.run(shutdown.clone(), tracker.clone()));
     }
+    let mut submission_addrs = Vec::new();
+    let mut submissions_addrs = Vec::new();
+    for (addrs, bound, implicit_tls) in [
+        (&config.submission.listen, &mut submission_addrs, false),
+        (&config.submission.listen_tls, &mut submissions_addrs, true),
+    ] {
+        for addr in addrs {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for submission on {addr}"))?;
+            bound.push(listener.local_addr()?);
+            let server = Server::submission(pipeline.clone(), listener, implicit_tls);
+            tracing::info!(local = %server.bound()?, implicit_tls, "submission listening");
+            tracker.spawn(server.run(shutdown.clone(), tracker.clone()));
+        }
+    }
     let http_addr = if config.sink.enabled {
         let addr = config.sink.http_listen;
         let listener = TcpListener::bind(addr)
@@ -157,6 +178,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         smtp_addrs,
         lmtp,
+        submission_addrs,
+        submissions_addrs,
         http_addr,
         runtime,
         pipeline,
@@ -197,6 +220,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     for a in &running.lmtp {
         println!("letterbox: lmtp listening on {a}");
+    }
+    for a in &running.submission_addrs {
+        println!("letterbox: submission listening on {a}");
+    }
+    // RFC 8314 §7.3 names implicit-TLS submission "submissions".
+    for a in &running.submissions_addrs {
+        println!("letterbox: submissions listening on {a}");
     }
     if let Some(a) = running.http_addr {
         println!("letterbox: sink web page on http://{a}/");

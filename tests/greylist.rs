@@ -345,6 +345,7 @@ async fn spf_pass_for_a_domain_that_passed_before_skips_greylisting(url: String)
             local: false,
             spf_pass,
             spf: None,
+            auth: None,
         };
         state.check(Stage::Rcpt, facts).await
     };

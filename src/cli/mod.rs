@@ -4,6 +4,7 @@
 
 mod alias;
 mod check;
+mod dkim;
 mod domain;
 mod queue;
 mod sink;
@@ -52,6 +53,9 @@ pub enum Command {
     /// Inspect and steer the outbound queue (works while the server runs).
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Manage the DKIM keys that sign mail sent by logged-in users.
+    #[command(subcommand)]
+    Dkim(DkimCmd),
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +195,36 @@ pub enum QueueCmd {
     Bounce { id: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DkimCmd {
+    /// Make a signing key for DOMAIN, store it, and print the DNS TXT record to publish.
+    ///
+    /// The oldest key of each algorithm signs: to rotate, make a new key,
+    /// publish its record, then remove the old key.
+    Keygen {
+        domain: String,
+        /// The selector, a DNS label (default: today's date and the algorithm, 20260715-rsa).
+        #[arg(long)]
+        selector: Option<String>,
+        /// rsa (2048 bits, verified everywhere) or ed25519 (RFC 8463); a domain may have both.
+        #[arg(long, value_enum, default_value_t = crate::dkim::Algorithm::Rsa)]
+        algorithm: crate::dkim::Algorithm,
+    },
+    /// Print the DNS TXT records of DOMAIN's keys (or of one selector), one zone-file line each.
+    Dns {
+        domain: String,
+        selector: Option<String>,
+    },
+    /// List DKIM keys, optionally of one domain.
+    List {
+        domain: Option<String>,
+        #[command(flatten)]
+        fmt: ListFmt,
+    },
+    /// Remove a key; mail is no longer signed with it (remove its DNS record later).
+    Remove { domain: String, selector: String },
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (config, file) = Config::load(cli.config.as_deref())?;
@@ -217,6 +251,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Alias(cmd) => alias::run(&open_migrated(&config).await?, &config, cmd).await,
         Command::Sink(cmd) => sink::run(&open_migrated(&config).await?, &config, cmd).await,
         Command::Queue(cmd) => queue::run(&config, cmd).await,
+        Command::Dkim(cmd) => dkim::run(&open_migrated(&config).await?, cmd).await,
     }
 }
 

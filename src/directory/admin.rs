@@ -102,6 +102,8 @@ impl Directory {
                 format!("%@{name}"),
             ),
             ("DELETE FROM users WHERE domain = ?", name.clone()),
+            // Its DKIM keys sign for nothing without it.
+            ("DELETE FROM dkim_keys WHERE domain = ?", name.clone()),
             ("DELETE FROM domains WHERE name = ?", name.clone()),
         ];
         on_pool!(&self.pool, p => {
@@ -129,7 +131,7 @@ impl Directory {
         Ok(name)
     }
 
-    async fn require_domain(&self, name: &str) -> Result<()> {
+    pub(super) async fn require_domain(&self, name: &str) -> Result<()> {
         let sql = self.sql("SELECT COUNT(*) FROM domains WHERE name = ?");
         let (n,): (i64,) =
             on_pool!(&self.pool, p => sqlx::query_as(sql).bind(name).fetch_one(p).await)?;

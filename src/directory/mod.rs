@@ -8,6 +8,7 @@
 //! hot recipient lookup pays no conversion.
 
 mod admin;
+mod dkim;
 mod greylist;
 pub mod pipe;
 mod resolve;
@@ -21,6 +22,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 pub use admin::{AliasRow, DomainRow, SinkRuleRow, UserRow};
+pub use dkim::DkimKeyRow;
 pub use greylist::{GreylistEntry, GreylistTimes, Greylisting, Triplet};
 pub use resolve::{Mailbox, Pipe, Route};
 

@@ -298,6 +298,23 @@ impl Directory {
         Ok(n > 0)
     }
 
+    /// The mailboxes `addr` names as an identity: itself if it is a
+    /// mailbox (a `+tag` subaddress is its mailbox's), else the mailboxes
+    /// its aliases lead to, recursively. Never through the domain's
+    /// catch-all, which catches mail for names nobody holds and makes no
+    /// one their owner; never for a disabled domain. Not cached: asked once
+    /// per submitted message, the answer must be current.
+    pub async fn owners(&self, addr: &Address, delimiter: Option<char>) -> Result<Vec<Address>> {
+        if !self.domain_active(&addr.domain).await? {
+            return Ok(Vec::new());
+        }
+        let (base, _) = addr.without_subaddress(delimiter);
+        let mut found = Found::default();
+        self.expand(&base.to_string(), 0, &mut Vec::new(), &mut found)
+            .await?;
+        Ok(found.mailboxes.into_iter().map(|m| m.address).collect())
+    }
+
     async fn domain_active(&self, domain: &str) -> Result<bool> {
         let sql = self.sql("SELECT COUNT(*) FROM domains WHERE name = ? AND active = TRUE");
         let (n,): (i64,) =

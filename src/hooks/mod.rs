@@ -197,11 +197,11 @@ async fn run(hook: &HookConfig, stage: Stage, facts: &Facts<'_>) -> Verdict {
 /// - `MAIL_FROM`: the reverse-path (empty for `<>` and before MAIL);
 /// - `RCPT_TO`: the recipients accepted so far, space-separated; at the
 ///   rcpt stage the one being checked is last;
-/// - `AUTH_AS`: empty: letterbox has no submission (AUTH) yet;
+/// - `AUTH_AS`: the address the client logged in as on a submission
+///   port, else empty;
 /// - `ON_TLS`: `1` inside TLS, else `0`;
-/// - `SPF_PASS`: `0`: letterbox checks no SPF yet, so nothing ever passed
-///   it (chasquid's example script then greylists, as it does for any
-///   unauthenticated mail without an SPF pass).
+/// - `SPF_PASS`: `1` when the sender's SPF passed (the auth check's
+///   result, once the rcpt stage is reached), else `0`.
 pub fn environment(stage: Stage, facts: &Facts<'_>) -> Vec<(&'static str, String)> {
     let mut rcpt_to = String::new();
     for r in facts.recipients.iter().chain(facts.rcpt) {
@@ -223,12 +223,15 @@ pub fn environment(stage: Stage, facts: &Facts<'_>) -> Vec<(&'static str, String
         ("EHLO_DOMAIN", ehlo),
         ("MAIL_FROM", facts.sender.unwrap_or("").to_string()),
         ("RCPT_TO", rcpt_to),
-        ("AUTH_AS", String::new()),
+        ("AUTH_AS", facts.auth.unwrap_or("").to_string()),
         (
             "ON_TLS",
             if facts.tls.is_some() { "1" } else { "0" }.to_string(),
         ),
-        ("SPF_PASS", "0".to_string()),
+        (
+            "SPF_PASS",
+            if facts.spf_pass.is_some() { "1" } else { "0" }.to_string(),
+        ),
     ]
 }
 

@@ -171,7 +171,11 @@ impl State {
                     sender: facts.sender.unwrap_or_default().to_string(),
                     args: Vec::new(),
                     queue_id: facts.id.unwrap_or_default().to_string(),
-                    auth: None,
+                    auth: facts.auth.map(|user| super::AuthInfo {
+                        mechanism: String::new(),
+                        username: user.to_string(),
+                        author: None,
+                    }),
                 };
                 milter.mail(&info).await?
             }

@@ -19,6 +19,7 @@ pub mod content;
 pub mod deliver;
 pub mod edit;
 pub mod rcpt;
+pub mod submission;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use futures_util::future::{BoxFuture, join_all};
 pub use deliver::{Failure, Mode};
 pub use edit::Edit;
 pub use rcpt::Refusal;
+pub use submission::SealError;
 
 use crate::envelope::Recipient;
 use crate::reply::Reply;
@@ -93,6 +95,9 @@ pub struct Facts<'a> {
     /// check starts the lookup here, and the session reads it for
     /// `spf_pass` (see [`crate::auth::SpfSlot`]).
     pub spf: Option<&'a crate::auth::SpfSlot>,
+    /// The user the client logged in as (AUTH on a submission port), its
+    /// canonical address: hooks' AUTH_AS, a milter's `{auth_authen}`.
+    pub auth: Option<&'a str>,
 }
 
 /// A header field a check adds to every copy, below our Received field.

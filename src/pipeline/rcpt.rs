@@ -29,6 +29,9 @@ pub enum Refusal {
     DirectoryUnavailable,
     /// A local failure, such as the quota file unreadable (451 4.3.0).
     Local,
+    /// A remote domain with a null MX (RFC 7505), relayed to on
+    /// submission (556 5.1.10).
+    NullMx,
     /// A check refused with this reply.
     Check(Reply),
 }

@@ -6,9 +6,13 @@
 //! does not advertise, so a client cannot slip in DSN, AUTH or other
 //! parameters we would silently ignore.
 
-use smtp_proto::{Error as ProtoError, MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
+use smtp_proto::{
+    AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8,
+    Request,
+};
 
 use crate::reply::Reply;
+use crate::submission::sasl::Mechanism;
 
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +35,14 @@ pub enum Command {
     Vrfy,
     Expn,
     StartTls,
-    /// A command we know but do not offer (AUTH, ETRN, …).
+    /// AUTH (RFC 4954): the mechanism when it is one we offer, and the
+    /// initial response as sent (`=` for an empty one). Only a submission
+    /// port answers it; elsewhere it is 502.
+    Auth {
+        mechanism: Option<Mechanism>,
+        initial: Option<String>,
+    },
+    /// A command we know but do not offer (ETRN, …).
     NotImplemented,
 }
 
@@ -46,6 +57,10 @@ pub struct MailFrom {
     pub smtputf8: bool,
     /// BODY=8BITMIME (RFC 6152).
     pub eight_bit: bool,
+    /// AUTH= was given (RFC 4954 §5). The session refuses it where AUTH is
+    /// not offered and otherwise ignores its value, as for `AUTH=<>`: we
+    /// never pass an identity on that we did not check ourselves.
+    pub auth: bool,
 }
 
 /// Parses one command line (with its line ending). Errors come back as the
@@ -75,7 +90,6 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
                 || from.env_id.is_some()
                 || from.solicit.is_some()
                 || from.mtrk.is_some()
-                || from.auth.is_some()
                 || from.by != 0
                 || from.hold_for != 0
                 || from.hold_until != 0
@@ -91,6 +105,7 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
                 size: (from.size != 0).then_some(from.size as u64),
                 smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
                 eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+                auth: from.auth.is_some(),
             })
         }
         Request::Rcpt { to } => {
@@ -118,10 +133,20 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         Request::Expn { .. } => Command::Expn,
         Request::StartTls => Command::StartTls,
         Request::Lhlo { host } => Command::Lhlo(host.into_owned()),
-        Request::Auth { .. }
-        | Request::Etrn { .. }
-        | Request::Atrn { .. }
-        | Request::Burl { .. } => Command::NotImplemented,
+        Request::Auth {
+            mechanism,
+            initial_response,
+        } => Command::Auth {
+            mechanism: match mechanism {
+                AUTH_PLAIN => Some(Mechanism::Plain),
+                AUTH_LOGIN => Some(Mechanism::Login),
+                _ => None,
+            },
+            initial: (!initial_response.is_empty()).then(|| initial_response.into_owned()),
+        },
+        Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+            Command::NotImplemented
+        }
     })
 }
 
@@ -181,6 +206,7 @@ mod tests {
             size: None,
             smtputf8: false,
             eight_bit: false,
+            auth: false,
         })
     }
 
@@ -206,6 +232,7 @@ mod tests {
                     size: Some(1000),
                     smtputf8: true,
                     eight_bit: true,
+                    auth: false,
                 })),
             ),
             (
@@ -214,7 +241,13 @@ mod tests {
             ),
             (
                 "MAIL FROM:<a@b.example> AUTH=<>\r\n",
-                Err("555 5.5.4 Unsupported parameter AUTH\r\n"),
+                Ok(Command::Mail(MailFrom {
+                    address: "a@b.example".into(),
+                    size: None,
+                    smtputf8: false,
+                    eight_bit: false,
+                    auth: true,
+                })),
             ),
             (
                 "MAIL FROM:<a@b.example> FOO=bar\r\n",
@@ -287,7 +320,34 @@ mod tests {
             ("VRFY root\r\n", Ok(Command::Vrfy)),
             ("EXPN list\r\n", Ok(Command::Expn)),
             ("STARTTLS\r\n", Ok(Command::StartTls)),
-            ("AUTH PLAIN AGFiAGM=\r\n", Ok(Command::NotImplemented)),
+            (
+                "AUTH PLAIN AGFiAGM=\r\n",
+                Ok(Command::Auth {
+                    mechanism: Some(Mechanism::Plain),
+                    initial: Some("AGFiAGM=".into()),
+                }),
+            ),
+            (
+                "auth login\r\n",
+                Ok(Command::Auth {
+                    mechanism: Some(Mechanism::Login),
+                    initial: None,
+                }),
+            ),
+            (
+                "AUTH PLAIN =\r\n",
+                Ok(Command::Auth {
+                    mechanism: Some(Mechanism::Plain),
+                    initial: Some("=".into()),
+                }),
+            ),
+            (
+                "AUTH CRAM-MD5\r\n",
+                Ok(Command::Auth {
+                    mechanism: None,
+                    initial: None,
+                }),
+            ),
             ("ETRN example.org\r\n", Ok(Command::NotImplemented)),
             ("FOO\r\n", Err("500 5.5.1 Command unrecognized\r\n")),
             ("\r\n", Err("500 5.5.1 Command unrecognized\r\n")),

@@ -324,6 +324,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(s) => s,
             Err(f) => return vec![Reply::from(&f)],
         };
+        // Last, on the final content: a logged-in user's From: is checked
+        // and the message DKIM-signed. The signatures go above everything
+        // the checks added, below our Received field.
+        let mut headers = String::new();
+        let spool = match &self.auth {
+            Some(user) => match self.pipeline.seal(spool, user).await {
+                Ok((s, signatures)) => {
+                    headers = signatures;
+                    s
+                }
+                Err(e) => return vec![Reply::from(&e)],
+            },
+            None => spool,
+        };
+        headers.push_str(&tx.effects.headers);
         let envelope = Envelope {
             id: tx.id.clone(),
             sender: tx.sender.clone(),
@@ -338,11 +353,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.esmtp,
                     tx.smtputf8,
                     self.conn.tls.is_some(),
+                    self.auth.is_some(),
                 ),
                 tls: self.conn.tls.clone(),
                 date: envelope::rfc5322_now(),
             },
-            headers: std::mem::take(&mut tx.effects.headers),
+            headers,
             quarantine: tx.effects.quarantine.is_some(),
         };
         let mode = match self.protocol {
@@ -393,13 +409,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
-/// The `with` keyword of the Received header (RFC 3848, RFC 6531).
-fn protocol(proto: Protocol, esmtp: bool, utf8: bool, tls: bool) -> String {
+/// The `with` keyword of the Received header (RFC 3848, RFC 6531): `S`
+/// for TLS, then `A` for a logged-in client (ESMTPSA, UTF8SMTPSA).
+fn protocol(proto: Protocol, esmtp: bool, utf8: bool, tls: bool, auth: bool) -> String {
     let base = match (proto, utf8, esmtp) {
         (Protocol::Lmtp, _, _) => "LMTP",
         (Protocol::Smtp, true, _) => "UTF8SMTP",
         (Protocol::Smtp, false, true) => "ESMTP",
         (Protocol::Smtp, false, false) => "SMTP",
     };
-    format!("{base}{}", if tls { "S" } else { "" })
+    format!(
+        "{base}{}{}",
+        if tls { "S" } else { "" },
+        if auth { "A" } else { "" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_with_keywords() {
+        let smtp = |esmtp, utf8, tls, auth| protocol(Protocol::Smtp, esmtp, utf8, tls, auth);
+        assert_eq!(smtp(true, false, false, false), "ESMTP");
+        assert_eq!(smtp(true, false, true, false), "ESMTPS");
+        assert_eq!(smtp(true, false, true, true), "ESMTPSA");
+        assert_eq!(smtp(true, true, true, true), "UTF8SMTPSA");
+        assert_eq!(smtp(false, false, false, false), "SMTP");
+        assert_eq!(protocol(Protocol::Lmtp, true, false, false, false), "LMTP");
+    }
 }

@@ -39,6 +39,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.starttls_offered() {
             lines.push("STARTTLS".into());
         }
+        // RFC 4954 §4, RFC 8314 §3: only inside TLS.
+        if self.conn.submission && self.conn.tls.is_some() {
+            lines.push(format!("AUTH {}", crate::submission::sasl::OFFERED).into());
+        }
         Reply {
             code: 250,
             status: "".into(),

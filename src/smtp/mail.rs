@@ -18,6 +18,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.tx.is_some() {
             return Reply::bad_sequence("Nested MAIL command");
         }
+        // A submission port takes mail from logged-in users only.
+        if self.conn.submission && self.auth.is_none() {
+            return Reply::auth_required();
+        }
+        // AUTH= only where AUTH is offered (RFC 4954 §5); its value is
+        // ignored.
+        if from.auth && !(self.conn.submission && self.conn.tls.is_some()) {
+            return Reply::unsupported_parameter("AUTH");
+        }
         if from
             .size
             .is_some_and(|s| s > self.config().smtp.max_message_size.0)
@@ -30,6 +39,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if !from.address.is_ascii() && !from.smtputf8 {
             return Reply::need_utf8();
+        }
+        if let Some(user) = &self.auth {
+            match self.pipeline.may_send_as(user, &from.address).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(ip = %self.conn.ip, %user, from = %from.address, "sender not owned by the user");
+                    return Reply::sender_not_owned();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "directory lookup for the sender failed");
+                    return Reply::directory_unavailable();
+                }
+            }
         }
         self.tx = Some(Transaction {
             started: Instant::now(),

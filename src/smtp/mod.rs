@@ -6,11 +6,14 @@
 //! - [`session`]: the state machine, generic over the stream and over the
 //!   protocol; one file per stage: [`ehlo`], [`mail`], [`rcpt`], [`data`].
 //!   It asks the [`crate::pipeline`] at every stage and writes every reply.
+//!   On a submission port (`Connection::submission`) it also speaks AUTH
+//!   (auth.rs, RFC 4954).
 //!   STARTTLS is an outcome the caller handles by wrapping the stream and
 //!   starting a new session.
 //! - [`server`]: TCP and unix listeners, the global connection limits, TLS
 //!   upgrade and shutdown.
 
+mod auth;
 pub mod command;
 mod data;
 pub mod dot;

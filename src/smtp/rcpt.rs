@@ -32,7 +32,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !to.is_ascii() && !tx.smtputf8 {
             return Reply::need_utf8();
         }
-        let recipient = match self.pipeline.recipient(to).await {
+        // A logged-in user (submission) may relay; anyone else reaches
+        // our own domains only.
+        let resolved = match self.auth {
+            Some(_) => self.pipeline.relay_recipient(to).await,
+            None => self.pipeline.recipient(to).await,
+        };
+        let recipient = match resolved {
             Ok(r) => r,
             Err(refusal) => return Reply::from(&refusal),
         };

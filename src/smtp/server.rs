@@ -1,7 +1,9 @@
 //! The listener side: accepts connections on a TCP or unix socket under
-//! the runtime's global and per-IP limits and its connection rate limit, runs a session per connection
-//! in the listener's protocol, upgrades SMTP to TLS when a session asks,
-//! and stops accepting on shutdown while sessions finish their transaction.
+//! the runtime's global and per-IP limits and its connection rate limit,
+//! runs a session per connection in the listener's protocol, upgrades SMTP
+//! to TLS when a session asks (or at once, on an implicit-TLS submission
+//! port), and stops accepting on shutdown while sessions finish their
+//! transaction.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -41,11 +43,24 @@ impl std::fmt::Display for Bound {
     }
 }
 
+/// What a listener's connections are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// SMTP (an MX) or LMTP, as the listener's protocol says.
+    Plain,
+    /// Submission (RFC 6409) with STARTTLS, port 587.
+    Submission,
+    /// Submission over implicit TLS (RFC 8314), port 465: the TLS
+    /// handshake comes before the greeting.
+    SubmissionTls,
+}
+
 /// One listening socket and the sessions it spawns.
 pub struct Server {
     pipeline: Arc<Pipeline>,
     socket: Socket,
     protocol: Protocol,
+    kind: Kind,
 }
 
 impl Server {
@@ -59,6 +74,24 @@ impl Server {
             pipeline,
             socket,
             protocol,
+            kind: Kind::Plain,
+        }
+    }
+
+    /// A submission listener: STARTTLS, or TLS from the first byte when
+    /// `implicit_tls`.
+    pub fn submission(
+        pipeline: Arc<Pipeline>,
+        listener: TcpListener,
+        implicit_tls: bool,
+    ) -> Server {
+        Server {
+            kind: if implicit_tls {
+                Kind::SubmissionTls
+            } else {
+                Kind::Submission
+            },
+            ..Server::new(pipeline, listener)
         }
     }
 
@@ -126,7 +159,7 @@ impl Server {
             Ok(slot) => {
                 let pipeline = self.pipeline.clone();
                 let shutdown = shutdown.clone();
-                let protocol = self.protocol;
+                let (protocol, kind) = (self.protocol, self.kind);
                 tracker.spawn(async move {
                     // After the slot, so that a connection the caps refused
                     // is not counted; a slot is held only for this look.
@@ -142,12 +175,8 @@ impl Server {
                         return;
                     }
                     let result = match stream {
-                        Stream::Tcp(s) => {
-                            serve_connection(pipeline, s, ip, shutdown, protocol).await
-                        }
-                        Stream::Unix(s) => {
-                            serve_connection(pipeline, s, ip, shutdown, protocol).await
-                        }
+                        Stream::Tcp(s) => serve(pipeline, s, ip, shutdown, protocol, kind).await,
+                        Stream::Unix(s) => serve(pipeline, s, ip, shutdown, protocol, kind).await,
                     };
                     if let Err(e) = result {
                         tracing::debug!(?ip, error = %e, "connection ended with an error");
@@ -200,8 +229,23 @@ pub async fn serve_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    serve(pipeline, stream, ip, shutdown, protocol, Kind::Plain).await
+}
+
+/// Runs one connection of a listener of `kind`.
+async fn serve<S>(
+    pipeline: Arc<Pipeline>,
+    stream: S,
+    ip: Option<IpAddr>,
+    shutdown: CancellationToken,
+    protocol: Protocol,
+    kind: Kind,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let rt = pipeline.runtime.clone();
-    let conn = match ip {
+    let mut conn = match ip {
         Some(ip) => {
             let mut c = Connection::new(ip);
             c.rdns = rt.start_rdns(ip);
@@ -209,38 +253,65 @@ where
         }
         None => Connection::local(),
     };
+    conn.submission = kind != Kind::Plain;
+    if kind == Kind::SubmissionTls {
+        let Some((tls, facts)) = handshake(&pipeline, stream, ip).await else {
+            return Ok(());
+        };
+        conn.tls = Some(facts);
+        Session::with_protocol(tls, pipeline, conn, shutdown, protocol)
+            .run(true)
+            .await?;
+        return Ok(());
+    }
     let session =
         Session::with_protocol(stream, pipeline.clone(), conn, shutdown.clone(), protocol);
     let (outcome, mut conn) = session.run(true).await?;
     let Outcome::StartTls(stream) = outcome else {
         return Ok(());
     };
-    let Some(acceptor) = rt.tls_acceptor() else {
+    let Some((tls, facts)) = handshake(&pipeline, stream, ip).await else {
         return Ok(());
     };
+    conn.tls = Some(facts);
+    Session::with_protocol(tls, pipeline, conn, shutdown, protocol)
+        .run(false)
+        .await?;
+    Ok(())
+}
+
+/// The server side of a TLS handshake, bounded by the command timeout; the
+/// stream and its `version:cipher`, or None (logged) when it failed.
+async fn handshake<S>(
+    pipeline: &Pipeline,
+    stream: S,
+    ip: Option<IpAddr>,
+) -> Option<(tokio_rustls::server::TlsStream<S>, String)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let rt = &pipeline.runtime;
+    let acceptor = rt.tls_acceptor()?;
     let handshake =
         tokio::time::timeout(rt.config.smtp.command_timeout.0, acceptor.accept(stream)).await;
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::info!(?ip, error = %e, "TLS handshake failed");
-            return Ok(());
+            return None;
         }
-        Err(_) => return Ok(()),
+        Err(_) => return None,
     };
     let (_, state) = tls.get_ref();
-    conn.tls = Some(format!(
+    let facts = format!(
         "{}:{}",
         state.protocol_version().map(tls_version).unwrap_or("TLS"),
         state
             .negotiated_cipher_suite()
             .and_then(|s| s.suite().as_str())
             .unwrap_or("unknown"),
-    ));
-    Session::with_protocol(tls, pipeline, conn, shutdown, protocol)
-        .run(false)
-        .await?;
-    Ok(())
+    );
+    Some((tls, facts))
 }
 
 fn tls_version(v: rustls::ProtocolVersion) -> &'static str {

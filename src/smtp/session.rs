@@ -58,6 +58,10 @@ pub struct Connection {
     /// What checks at connect or helo asked for, for every message of
     /// this connection (a discard, fields to add).
     pub effects: Effects,
+    /// The client came to a submission port (RFC 6409): AUTH is offered
+    /// once TLS is on, MAIL needs it, and a logged-in client may relay
+    /// (`crate::submission`).
+    pub submission: bool,
 }
 
 impl Connection {
@@ -70,6 +74,7 @@ impl Connection {
             rdns_name: None,
             checks: None,
             effects: Effects::default(),
+            submission: false,
         }
     }
 
@@ -147,6 +152,9 @@ pub struct Session<S> {
     pub(super) helo: Option<String>,
     /// EHLO (not HELO) was used.
     pub(super) esmtp: bool,
+    /// The user logged in as (AUTH), its canonical address. A session
+    /// inside TLS starts without one; AUTH is only accepted there.
+    pub(super) auth: Option<String>,
     pub(super) tx: Option<Transaction>,
     errors: u32,
     /// While discarding the rest of an over-long line.
@@ -191,6 +199,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             shutdown,
             helo: None,
             esmtp: false,
+            auth: None,
             tx: None,
             errors: 0,
             discarding: false,
@@ -201,9 +210,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// client speaks first (RFC 3207 §4.2).
     pub async fn run(mut self, greet: bool) -> std::io::Result<(Outcome<S>, Connection)> {
         if greet {
-            // LMTP clients are local MTAs that wait for the greeting;
-            // pregreeting is a spambot's habit.
-            if self.protocol == Protocol::Smtp && self.talked_first().await? {
+            // A client locked out for failed logins is told so at once.
+            if self.conn.submission && self.runtime().logins.locked(self.conn.ip) {
+                self.send_now(&Reply::auth_locked_out()).await?;
+                let _ = self.stream.shutdown().await;
+                return Ok((Outcome::Closed, self.conn));
+            }
+            // LMTP clients are local MTAs that wait for the greeting, and
+            // so do mail clients on a submission port; pregreeting is a
+            // spambot's habit at an MX.
+            if self.protocol == Protocol::Smtp
+                && !self.conn.submission
+                && self.talked_first().await?
+            {
                 self.send_now(&Reply::pregreet()).await?;
                 return Ok((Outcome::Closed, self.conn));
             }
@@ -284,6 +303,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let (reply, next) = self.starttls();
                 return Ok((vec![reply], next));
             }
+            Command::Auth { .. } if !self.conn.submission => Reply::not_implemented(),
+            Command::Auth { mechanism, initial } => return self.auth(mechanism, initial).await,
             Command::Mail(from) => self.mail(from).await,
             Command::Rcpt(to) => self.rcpt(to).await,
             Command::Data => return self.data().await,
@@ -320,7 +341,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         rcpt: Option<&Recipient>,
         content: Option<&crate::spool::Spool>,
     ) -> Decision {
-        let Session { conn, helo, tx, .. } = self;
+        let Session {
+            conn,
+            helo,
+            tx,
+            auth,
+            ..
+        } = self;
         let Some(checks) = conn.checks.as_mut() else {
             return Decision::Pass(Effects::default());
         };
@@ -342,6 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             local: conn.local,
             spf_pass: spf_pass.as_deref(),
             spf: tx.as_ref().map(|t| &t.spf),
+            auth: auth.as_deref(),
         };
         checks.run(stage, facts).await
     }
@@ -434,7 +462,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Reads one command line, bounded by `smtp.max_line_length`. An
     /// over-long line is discarded up to its end and reported once.
-    async fn read_line(&mut self, timeout: Duration) -> std::io::Result<Read> {
+    pub(super) async fn read_line(&mut self, timeout: Duration) -> std::io::Result<Read> {
         let max = self.config().smtp.max_line_length;
         loop {
             if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {

@@ -53,13 +53,19 @@ pub fn write_config(dir: &Path, db_url: &str, extra: &Sections) -> PathBuf {
          [maildir]\nroot = \"{root}\"\n{maildir}\n\
          [sink]\nenabled = false\n\
          [log]\n{log}\n\
-         [auth]\n{auth}\n",
+         [auth]\n{auth}\n{dns}",
         root = dir.join("mail").display(),
         database = extra.database,
         smtp = extra.smtp,
         tls = extra.tls,
         maildir = extra.maildir,
         log = extra.log,
+        // A resolver on a closed loopback port: no lookup leaves the machine.
+        dns = if extra.auth.contains("[dns]") {
+            ""
+        } else {
+            "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n"
+        },
         auth = if extra.auth.is_empty() {
             "spf = \"off\"\ndkim = \"off\"\ndmarc = \"off\"\narc = \"off\""
         } else {

@@ -21,7 +21,9 @@ pub struct TestServer {
 }
 
 /// A config for tests: temp paths, port 0, no DNS (no reverse lookups,
-/// no sender authentication), no cache.
+/// no sender authentication, and a resolver on a closed loopback port, so
+/// a lookup some path still makes fails at once and never leaves the
+/// machine), no cache.
 pub fn test_config(tmp: &std::path::Path) -> Config {
     let mut c = Config {
         hostname: "mx.example.org".into(),
@@ -31,6 +33,8 @@ pub fn test_config(tmp: &std::path::Path) -> Config {
     c.database.cache_ttl = letterbox::units::Duration::from_secs(0);
     c.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
     c.smtp.reverse_dns = false;
+    c.dns.servers = vec!["127.0.0.1:9".parse().unwrap()];
+    c.dns.timeout = letterbox::units::Duration::from_secs(1);
     c.auth = letterbox::config::AuthConfig {
         spf: letterbox::config::SpfPolicy::Off,
         dkim: letterbox::config::TagPolicy::Off,
