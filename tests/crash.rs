@@ -375,11 +375,16 @@ fn sigkill_mid_stream_keeps_every_acknowledged_message_whole() {
         "no acknowledged message used the disk spool"
     );
 
-    // What the disk holds. The root has the spool dir and the domain; the
-    // domain only the users' maildirs; a maildir only tmp/, new/ and cur/.
+    // What the disk holds. The root has the outbound queue and spool dirs
+    // and the domain; the domain only the users' maildirs; a maildir only
+    // tmp/, new/ and cur/.
     assert_eq!(
         entries(&root),
-        vec![root.join(".letterbox-spool"), root.join("example.org")]
+        vec![
+            root.join(".letterbox-queue"),
+            root.join(".letterbox-spool"),
+            root.join("example.org")
+        ]
     );
     let mut found: HashMap<(&str, usize), PathBuf> = HashMap::new();
     for (i, mb) in entries(&root.join("example.org")).iter().enumerate() {
