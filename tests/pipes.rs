@@ -348,7 +348,20 @@ async fn a_command_past_its_timeout_is_a_temporary_failure() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert!(s.new_files("alice@example.org").is_empty());
     let sleep = d.read("sleep.pid");
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", sleep.trim())).unwrap_or_default();
+    // SIGKILL takes effect when the process next runs: give it a moment.
+    let gone = |stat: &str| {
+        stat.is_empty()
+            || stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    };
+    let read =
+        || std::fs::read_to_string(format!("/proc/{}/stat", sleep.trim())).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gone(&read()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stat = read();
     assert!(
         stat.is_empty()
             || stat

@@ -61,7 +61,17 @@ pub fn write_config(dir: &Path, db_url: &str, extra: &Sections) -> PathBuf {
         maildir = extra.maildir,
         log = extra.log,
         // A resolver on a closed loopback port: no lookup leaves the machine.
-        dns = if extra.auth.contains("[dns]") {
+        dns = if [
+            extra.database,
+            extra.smtp,
+            extra.tls,
+            extra.maildir,
+            extra.log,
+            extra.auth
+        ]
+        .iter()
+        .any(|e| e.contains("[dns]"))
+        {
             ""
         } else {
             "[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n"
