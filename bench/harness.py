@@ -202,8 +202,11 @@ def vm(pid, key):
 
 
 class Letterbox(Server):
-    def __init__(self, binary, work, db_url, label, sink=False, extra=""):
+    def __init__(self, binary, work, db_url, label, sink=False, extra="", legacy=False):
         self.binary, self.work, self.db_url = binary, work, db_url
+        # Postfix beside it checks no sender either; and the bench has no
+        # DNS. An earlier binary (--baseline) has no [auth] to turn off.
+        auth = "" if legacy else '[auth]\nspf = "off"\ndkim = "off"\ndmarc = "off"\narc = "off"\n'
         self.name, self.sink = label, sink
         self.maildir = not sink
         self.proc = None
@@ -228,13 +231,7 @@ enabled = true
 http_listen = "127.0.0.1:0"
 [log]
 level = "warn"
-# Postfix beside it checks no sender either; and the bench has no DNS.
-[auth]
-spf = "off"
-dkim = "off"
-dmarc = "off"
-arc = "off"
-{extra}"""
+{auth}{extra}"""
         )
 
     def cli(self, *args, stdin=None):
@@ -738,8 +735,11 @@ def main():
     servers = [Letterbox(args.binary, args.work / "sqlite",
                          f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox")]
     if args.baseline:
+        # Its own directory: an earlier binary refuses a database migrated
+        # past what it knows.
         servers.append(Letterbox(args.baseline, args.work / "base",
-                                 f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox-base"))
+                                 f"sqlite://{args.work / 'base' / 'letterbox.db'}", "letterbox-base",
+                                 legacy=True))
     if args.milter:
         servers.append(Letterbox(args.binary, args.work / "milter",
                                  f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox-milter",
@@ -765,7 +765,7 @@ def main():
     GRAVEYARD.check_room(todo, args.reps, sum(1 for s in servers if s.maildir))
     sqlite.provision()  # the sink's directory too
     for s in servers:
-        if s.name == "letterbox-pg":
+        if s.name in ("letterbox-pg", "letterbox-base"):
             s.provision()
 
     results = []

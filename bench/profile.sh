@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 per=${1:-600}
-work=/var/tmp/letterbox-bench/sqlite
+# LETTERBOX_BENCH_WORK: another server dir bench/run.sh provisioned
+# (`base` for a --baseline binary); LETTERBOX_BENCH_BINARY: that binary.
+work=${LETTERBOX_BENCH_WORK:-/var/tmp/letterbox-bench/sqlite}
 config=$work/letterbox.toml
 [[ -f $config ]] || { echo "no $config: run bench/run.sh first" >&2; exit 1; }
 # As bench/run.sh does, wait until the inodes its last run freed may be
@@ -21,7 +23,7 @@ if [[ -f $stamp ]]; then
     fi
 fi
 command -v perf >/dev/null || apt-get install -y -qq linux-perf strace >/dev/null
-binary=${CARGO_TARGET_DIR:-$PWD/target}/release/letterbox
+binary=${LETTERBOX_BENCH_BINARY:-${CARGO_TARGET_DIR:-$PWD/target}/release/letterbox}
 out=$(mktemp -d)
 
 load() {
