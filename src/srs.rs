@@ -347,7 +347,7 @@ mod tests {
         );
         assert_eq!(
             s.reverse(&local.to_lowercase(), T).unwrap(),
-            "srs0=abcd=xy=orig.test=alice@first.test"
+            "SRS0=abcd=xy=orig.test=alice@first.test"
         );
     }
 
