@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::dns_server::{DnsServer, common_port};
@@ -59,7 +59,7 @@ fn secret_file() -> (tempfile::TempDir, PathBuf) {
 /// The forwarding server: example.org with alice and bob, the alias
 /// me@example.org → friend@a.test, SRS on in fwd.example.org (a domain it
 /// does not serve), the test's DNS, a retry every second.
-async fn forwarder(dns: &DnsServer, port: u16, secret: &PathBuf) -> TestServer {
+async fn forwarder(dns: &DnsServer, port: u16, secret: &Path) -> TestServer {
     let s = TestServer::start(|c: &mut Config| {
         c.dns.servers = vec![dns.addr];
         c.dns.timeout = Dur::from_secs(2);
@@ -67,7 +67,7 @@ async fn forwarder(dns: &DnsServer, port: u16, secret: &PathBuf) -> TestServer {
         c.outbound.connect_timeout = Dur::from_secs(3);
         c.queue.retry_schedule = vec![Dur::from_secs(1)];
         c.queue.scan_interval = Dur::from_secs(1);
-        c.srs.secret_file = secret.clone();
+        c.srs.secret_file = secret.to_path_buf();
         c.srs.domain = SRS_DOMAIN.into();
     })
     .await;

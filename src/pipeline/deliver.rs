@@ -30,6 +30,9 @@
 //! removes all of it. Under [`Mode::PerRecipient`] the queue entry is one
 //! more unit beside the mailboxes, and the remote recipients share its
 //! outcome.
+//!
+//! A forwarded copy's entry may carry an SRS envelope sender instead of the
+//! one received (`Pipeline::queue_sender`, `crate::srs`).
 
 use std::sync::Arc;
 
