@@ -416,6 +416,26 @@ mod tests {
     }
 
     #[test]
+    fn the_secret_is_the_first_line_trimmed_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "  s3cret \nsecond\n").unwrap();
+        assert_eq!(read_secret(&path).unwrap(), b"s3cret");
+        std::fs::write(&path, "\n").unwrap();
+        let e = read_secret(&path).unwrap_err();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("empty"),
+            "{e}"
+        );
+        let missing = dir.path().join("missing");
+        let e = read_secret(&missing).unwrap_err();
+        assert!(
+            e.starts_with(&format!("srs.secret_file {}: ", missing.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn shapes_and_defaults() {
         assert!(is_srs("SRS0=x") && is_srs("srs1+x") && is_srs("SRS0-x"));
         assert!(!is_srs("SRS2=x") && !is_srs("SRS0") && !is_srs("srsx=x"));
