@@ -82,6 +82,9 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Command hooks (`[[hooks]]`), run in this order at their stage.
     pub hooks: Vec<crate::hooks::HookConfig>,
+    /// The Sender Rewriting Scheme for mail an alias forwards to another
+    /// server.
+    pub srs: SrsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -458,6 +461,44 @@ impl Default for Config {
             ignored_env: Vec::new(),
             delivery: DeliveryConfig::default(),
             hooks: Vec::new(),
+            srs: SrsConfig::default(),
+        }
+    }
+}
+
+/// SRS (`crate::srs`): forwarded copies leave with an `SRS0=…@domain`
+/// envelope sender, and bounces to such addresses go back to the sender.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SrsConfig {
+    /// The file holding the HMAC secret (its first line, trimmed), read
+    /// once at start; empty turns SRS off and forwarded mail keeps its
+    /// original envelope sender.
+    pub secret_file: PathBuf,
+    /// The domain of our SRS addresses; empty is `hostname` without its
+    /// first label (`mx.example.org` → `example.org`).
+    pub domain: String,
+    /// How long an SRS address stays valid for a bounce (whole days).
+    pub max_age: Duration,
+}
+
+impl Default for SrsConfig {
+    fn default() -> Self {
+        SrsConfig {
+            secret_file: PathBuf::new(),
+            domain: String::new(),
+            max_age: Duration::from_secs(21 * 86400),
+        }
+    }
+}
+
+impl Config {
+    /// The SRS domain: `srs.domain`, else derived from `hostname`.
+    pub fn srs_domain(&self) -> String {
+        if self.srs.domain.is_empty() {
+            crate::srs::default_domain(&self.hostname)
+        } else {
+            self.srs.domain.clone()
         }
     }
 }
@@ -943,6 +984,7 @@ mod tests {
                 "queue",
                 "sink",
                 "smtp",
+                "srs",
                 "submission",
                 "tls"
             ]

@@ -20,6 +20,7 @@
 //! - [`envelope`]: what a received message hands to delivery: sender, routed recipients, trace facts.
 //! - [`spool`]: a message's content between DATA and delivery, in memory or an unlinked file.
 //! - [`queue`]: the outbound queue on disk: one message file and one state file per entry, durable before the 250; DSNs.
+//! - [`srs`]: the Sender Rewriting Scheme (postsrsd-compatible SRS0/SRS1) for forwarded mail and the bounces that come back.
 //! - [`outbound`]: delivery of queued mail: MX lookup, SMTP client with STARTTLS, MTA-STS, smarthost, retries and bounces.
 //! - [`dns`]: the one DNS resolver of a running server, from `[dns]`.
 //! - [`delivery`]: durable all-or-nothing delivery into maildirs (stage in tmp/, link into new/, fsync), quota, tmp sweeping; delivery into pipe commands.
@@ -77,6 +78,7 @@ pub mod serve;
 pub mod sink;
 pub mod smtp;
 pub mod spool;
+pub mod srs;
 pub mod submission;
 pub mod tls;
 pub mod units;

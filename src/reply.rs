@@ -267,6 +267,12 @@ impl Reply {
     pub fn unknown_user() -> Reply {
         Reply::new(550, "5.1.1", "No such user here")
     }
+
+    /// RCPT: an SRS address in our SRS domain that is forged or older than
+    /// `srs.max_age`; its bounce has nowhere to go.
+    pub fn invalid_srs() -> Reply {
+        Reply::new(550, "5.1.1", "Invalid SRS address")
+    }
     pub fn relay_denied() -> Reply {
         Reply::new(550, "5.7.1", "Relay access denied")
     }
@@ -513,6 +519,7 @@ impl From<&Refusal> for Reply {
             Refusal::DirectoryUnavailable => Reply::directory_unavailable(),
             Refusal::Local => Reply::local_error(),
             Refusal::NullMx => Reply::null_mx(),
+            Refusal::InvalidSrs => Reply::invalid_srs(),
             Refusal::Check(reply) => reply.clone(),
         }
     }

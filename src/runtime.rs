@@ -56,6 +56,9 @@ pub struct Runtime {
     /// Connections, recipients and messages per client per window, one
     /// count across all listeners (`[limits]`).
     pub rate_limits: Arc<RateLimits>,
+    /// SRS for forwarded mail (`[srs]`); None when `srs.secret_file` is
+    /// empty.
+    pub srs: Option<crate::srs::Srs>,
 }
 
 impl Runtime {
@@ -94,7 +97,24 @@ impl Runtime {
         })
         .await??;
         let pipes = Pipes::new(&config.delivery).await?;
+        let srs = if config.srs.secret_file.as_os_str().is_empty() {
+            tracing::info!(
+                "SRS is off (srs.secret_file is empty): mail an alias forwards keeps its original envelope sender"
+            );
+            None
+        } else {
+            let path = config.srs.secret_file.clone();
+            let secret = crate::blocking::run("reading srs.secret_file", move || {
+                crate::srs::read_secret(&path)
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))?;
+            let domain = config.srs_domain();
+            tracing::info!(domain = %domain, "SRS on for forwarded mail");
+            Some(crate::srs::Srs::new(&secret, &domain, config.srs.max_age.0))
+        };
         let rt = Runtime {
+            srs,
             pipes,
             hostname: config.hostname.clone(),
             delimiter: config.subaddress_delimiter(),

@@ -221,8 +221,8 @@ impl Directory {
                 );
             }
             if !local && let Some(address) = found.remote.first() {
-                // Forwarded off this server. SRS, when added, rewrites the
-                // envelope sender of such copies where they are queued
+                // Forwarded off this server. SRS rewrites the envelope
+                // sender of such copies where they are queued
                 // (pipeline::deliver, `Remote`'s original address).
                 return Ok(Route::Remote {
                     address: address.clone(),
@@ -291,7 +291,7 @@ impl Directory {
 
     /// Whether the domain is in the directory at all (active or not): an
     /// address in it is ours, never forwarded.
-    pub(super) async fn domain_exists(&self, domain: &str) -> Result<bool> {
+    pub async fn domain_exists(&self, domain: &str) -> Result<bool> {
         let sql = self.sql("SELECT COUNT(*) FROM domains WHERE name = ?");
         let (n,): (i64,) =
             on_pool!(&self.pool, p => sqlx::query_as(sql).bind(domain).fetch_one(p).await)?;

@@ -863,7 +863,8 @@ impl Outbound {
                     address: address.to_string(),
                 })
             }
-            Err(Refusal::UnknownUser | Refusal::Syntax) => {
+            // An SRS sender too old or forged: nobody to tell.
+            Err(Refusal::UnknownUser | Refusal::Syntax | Refusal::InvalidSrs) => {
                 tracing::warn!(id = %e.id, sender = %e.sender, "the sender does not exist here; the DSN is dropped");
                 return Ok(());
             }

@@ -30,6 +30,9 @@
 //! removes all of it. Under [`Mode::PerRecipient`] the queue entry is one
 //! more unit beside the mailboxes, and the remote recipients share its
 //! outcome.
+//!
+//! A forwarded copy's entry may carry an SRS envelope sender instead of the
+//! one received (`Pipeline::queue_sender`, `crate::srs`).
 
 use std::sync::Arc;
 
@@ -257,7 +260,9 @@ impl Pipeline {
         unit: Option<&Unit>,
     ) -> Result<(), Failure> {
         let queue = self.runtime.queue.clone();
-        let (env, sp, rcpts) = (envelope.clone(), spool.clone(), remote.recipients.clone());
+        let mut env = envelope.clone();
+        env.sender = self.queue_sender(envelope, remote).await;
+        let (sp, rcpts) = (spool.clone(), remote.recipients.clone());
         let staged = crate::blocking::run("staging a queue entry", move || {
             queue.stage(&env, &sp, &rcpts)
         })
@@ -290,6 +295,44 @@ impl Pipeline {
                 })?
                 .map_err(|_| Failure::Local),
         }
+    }
+
+    /// The envelope sender of the queue entry for `remote`: an SRS
+    /// address (`crate::srs`) when SRS is on, an alias forwarded the copy
+    /// (a remote recipient reached under another address), and the sender
+    /// is neither null nor in a domain of ours (our SPF record already
+    /// covers those). Else the sender as received.
+    ///
+    /// One entry serves every remote recipient, so one sender: a copy
+    /// that is not forwarded only comes from submission, whose sender is
+    /// always one of ours or `<>`, so no transaction mixes the two kinds.
+    async fn queue_sender(&self, envelope: &Envelope, remote: &Remote) -> String {
+        let sender = &envelope.sender;
+        let rt = &self.runtime;
+        let Some(srs) = &rt.srs else {
+            return sender.clone();
+        };
+        if sender.is_empty() || !remote.recipients.iter().any(|(_, o)| o.is_some()) {
+            return sender.clone();
+        }
+        let domain = match crate::address::Address::from_smtp(sender) {
+            Ok(a) => a.domain,
+            Err(_) => sender
+                .rsplit_once('@')
+                .map_or(String::new(), |(_, d)| d.to_ascii_lowercase()),
+        };
+        match rt.directory.domain_exists(&domain).await {
+            Ok(true) => return sender.clone(),
+            Ok(false) => {}
+            // Rewriting is safe either way: a bounce to the SRS address
+            // still reaches the sender.
+            Err(e) => {
+                tracing::warn!(id = %envelope.id, error = %e, "directory lookup failed; rewriting the sender with SRS")
+            }
+        }
+        let rewritten = srs.forward(sender, crate::srs::now());
+        tracing::info!(id = %envelope.id, sender = %sender, srs = %rewritten, "forwarded mail leaves with an SRS sender");
+        rewritten
     }
 
     async fn maildirs(

@@ -32,6 +32,9 @@ pub enum Refusal {
     /// A remote domain with a null MX (RFC 7505), relayed to on
     /// submission (556 5.1.10).
     NullMx,
+    /// An address in our SRS domain whose hash or age does not check out
+    /// (550 5.1.1): forged, or older than `srs.max_age`.
+    InvalidSrs,
     /// A check refused with this reply.
     Check(Reply),
 }
@@ -68,6 +71,54 @@ impl Pipeline {
         if addr.local.contains('@') || addr.local.starts_with('|') {
             return Err(Refusal::UnknownUser);
         }
+        if let Some(srs) = &rt.srs
+            && addr.domain == srs.domain()
+            && crate::srs::is_srs(&addr.local)
+        {
+            return self.srs_recipient(srs, &to, addr).await;
+        }
+        self.resolved(addr).await
+    }
+
+    /// A recipient in our SRS domain (a bounce of mail we forwarded): it
+    /// goes back to the address it stands for, if its hash and age check
+    /// out. Any sender is accepted, as postsrsd does: the hash already
+    /// limits these addresses to senders we forwarded for.
+    async fn srs_recipient(
+        &self,
+        srs: &crate::srs::Srs,
+        to: &str,
+        addr: Address,
+    ) -> Result<Recipient, Refusal> {
+        // The local part as given: the original's keeps its case.
+        let local = to.rsplit_once('@').map_or(to, |(l, _)| l);
+        let original = srs.reverse(local, crate::srs::now()).map_err(|e| {
+            tracing::info!(rcpt = %addr, error = %e, "SRS address refused");
+            Refusal::InvalidSrs
+        })?;
+        let parsed = Address::from_smtp(&original).map_err(|_| Refusal::InvalidSrs)?;
+        let address = addr.to_string();
+        let route = match self.resolved(parsed.clone()).await {
+            // Ours after all (a sender we served when it was forwarded).
+            Ok(r) => r.route,
+            // As relay_recipient: the local part as given, the domain
+            // normalized.
+            Err(Refusal::NotServed) => {
+                let local = original.rsplit_once('@').map_or("", |(l, _)| l);
+                Arc::new(Route::Remote {
+                    address: format!("{local}@{}", parsed.domain),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::debug!(rcpt = %address, original = %original, "SRS address reversed");
+        Ok(Recipient { address, route })
+    }
+
+    /// Resolves a parsed recipient in the directory and checks what can be
+    /// known now about storing its copy.
+    async fn resolved(&self, addr: Address) -> Result<Recipient, Refusal> {
+        let rt = &self.runtime;
         let route = rt
             .directory
             .resolve(&addr, rt.delimiter, &rt.static_rules)
