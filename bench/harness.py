@@ -201,12 +201,15 @@ def vm(pid, key):
         return None
 
 
+# Postfix beside it checks no sender either, and the bench has no DNS
+# unless --auth-dns gives one. An earlier binary (--baseline) has no
+# [auth] to turn off: it gets "".
+AUTH_OFF = '[auth]\nspf = "off"\ndkim = "off"\ndmarc = "off"\narc = "off"\n'
+
+
 class Letterbox(Server):
-    def __init__(self, binary, work, db_url, label, sink=False, extra="", legacy=False):
+    def __init__(self, binary, work, db_url, label, sink=False, extra="", auth=AUTH_OFF):
         self.binary, self.work, self.db_url = binary, work, db_url
-        # Postfix beside it checks no sender either; and the bench has no
-        # DNS. An earlier binary (--baseline) has no [auth] to turn off.
-        auth = "" if legacy else '[auth]\nspf = "off"\ndkim = "off"\ndmarc = "off"\narc = "off"\n'
         self.name, self.sink = label, sink
         self.maildir = not sink
         self.proc = None
@@ -587,11 +590,13 @@ def report(results, args, idle, versions, out_dir):
     by = {}
     for r in results:
         by.setdefault((r.load, r.server), []).append(r)
-    servers = [s for s in ("letterbox", "letterbox-base", "letterbox-milter", "letterbox-pg",
+    servers = [s for s in ("letterbox", "letterbox-base", "letterbox-milter", "letterbox-auth",
+                           "letterbox-pg",
                            "postfix", "disk", "letterbox-sink", "smtp-sink")
                if any(k[1] == s for k in by)]
     with_base = "letterbox-base" in servers
     with_milter = "letterbox-milter" in servers
+    with_auth = "letterbox-auth" in servers
     the_loads = sorted({k[0] for k in by}, key=lambda l: (l.size, l.rcpts, l.sessions))
 
     def rate(load, server):
@@ -621,8 +626,9 @@ def report(results, args, idle, versions, out_dir):
     w("| load | " + " | ".join(servers)
       + (" | letterbox ÷ base" if with_base else "")
       + (" | milter ÷ letterbox" if with_milter else "")
+      + (" | auth ÷ letterbox" if with_auth else "")
       + " | letterbox ÷ postfix | letterbox ÷ disk | letterbox-pg ÷ letterbox | sink ÷ smtp-sink |")
-    w("|---|" + "---|" * (len(servers) + 4 + with_base + with_milter))
+    w("|---|" + "---|" * (len(servers) + 4 + with_base + with_milter + with_auth))
     for load in the_loads:
         row = [f"{rate(load, s):.0f}" if rate(load, s) else "–" for s in servers]
         lb, pf, dk = rate(load, "letterbox"), rate(load, "postfix"), rate(load, "disk")
@@ -630,6 +636,7 @@ def report(results, args, idle, versions, out_dir):
         ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "–"
         base = f" | {ratio(lb, rate(load, 'letterbox-base'))}" if with_base else ""
         base += f" | {ratio(rate(load, 'letterbox-milter'), lb)}" if with_milter else ""
+        base += f" | {ratio(rate(load, 'letterbox-auth'), lb)}" if with_auth else ""
         w(f"| {load.name} ({load.messages} msgs) | " + " | ".join(row) + base
           + f" | {ratio(lb, pf)} | {ratio(lb, dk)} | {ratio(pg, lb)} | {ratio(sk, ss)} |")
     w("")
@@ -710,6 +717,8 @@ def main():
     ap.add_argument("--postgres", help="admin URL; letterbox-pg runs when set")
     ap.add_argument("--milter", help="a milter address (bench/rspamd.sh prints one); "
                                       "letterbox-milter runs with it as its only milter")
+    ap.add_argument("--auth-dns", help="a DNS server (bench/dns.sh prints one); letterbox-auth runs "
+                                        "with SPF, DKIM, DMARC and ARC on and one DNSBL against it")
     ap.add_argument("--baseline", type=Path,
                     help="an earlier letterbox binary, run as letterbox-base beside the current one "
                          "(same directory, same loads, interleaved): a before/after in one sitting")
@@ -739,11 +748,18 @@ def main():
         # past what it knows.
         servers.append(Letterbox(args.baseline, args.work / "base",
                                  f"sqlite://{args.work / 'base' / 'letterbox.db'}", "letterbox-base",
-                                 legacy=True))
+                                 auth=""))
     if args.milter:
         servers.append(Letterbox(args.binary, args.work / "milter",
                                  f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}", "letterbox-milter",
                                  extra=f'[[milters]]\naddress = "{args.milter}"\ndefault_action = "tempfail"\n'))
+    if args.auth_dns:
+        servers.append(Letterbox(
+            args.binary, args.work / "auth", f"sqlite://{args.work / 'sqlite' / 'letterbox.db'}",
+            "letterbox-auth",
+            auth=(f'[dns]\nservers = ["{args.auth_dns}"]\ntimeout = "2s"\n'
+                  '[auth]\nspf = "tag"\ndkim = "tag"\ndmarc = "enforce"\narc = "tag"\n'
+                  '[[dnsbl]]\nzone = "bl.bench.test"\n')))
     if args.ceiling:
         servers.append(Disk(args.ceiling, args.work / "disk"))
     if args.postgres:

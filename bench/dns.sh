@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Starts dnsmasq as the benchmark's DNS server: the sender domain's SPF
+# and DMARC records, and an empty DNS blocklist zone, answered from its
+# config alone (nothing forwarded, nothing leaves the machine).
+#   bench/dns.sh DIR PORT       stop it with: kill "$(cat DIR/dnsmasq.pid)"
+set -euo pipefail
+dir=$1 port=$2
+[[ -x /usr/sbin/dnsmasq ]] || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsmasq-base >/dev/null
+}
+rm -rf "$dir" && mkdir -p "$dir"
+cat >"$dir/dnsmasq.conf" <<CONF
+port=$port
+listen-address=127.0.0.1
+bind-interfaces
+no-resolv
+no-hosts
+pid-file=$dir/dnsmasq.pid
+local=/test/
+txt-record=client.test,"v=spf1 ip4:127.0.0.1 -all"
+txt-record=_dmarc.client.test,"v=DMARC1; p=reject"
+CONF
+/usr/sbin/dnsmasq --conf-file="$dir/dnsmasq.conf"
+echo "127.0.0.1:$port"
