@@ -11,9 +11,13 @@
 //! `postmaster@` a served domain (RFC 5321 §4.5.1), so a listed sender can
 //! still reach a person.
 //!
-//! A list that does not answer (timeout, SERVFAIL) is logged and counted
-//! as not naming the client: a DNSBL outage must not stop all mail, and a
-//! list that cannot be asked has said nothing.
+//! A list that does not answer (timeout, SERVFAIL) is logged, and decides
+//! only where it could: the client is refused when the lists that did
+//! answer reach the threshold even if every silent allowlist had named it,
+//! accepted when every silent blocklist together could not bring it there,
+//! and otherwise told `451 4.4.3`, try later. A DNS failure is never an
+//! accept where this check enforces, and an outage of one list among
+//! several that cannot reach the threshold alone stops nothing.
 //!
 //! By default any answer in 127.0.0.0/8 counts as a listing, except
 //! 127.255.255.0/24, which lists such as Spamhaus use to report errors
@@ -49,6 +53,22 @@ pub struct Listing {
     pub score: i32,
     /// Zones that named the client, in configuration order.
     pub zones: Vec<String>,
+    /// The weights of the lists that did not answer (a timeout, SERVFAIL):
+    /// blocklists' (positive) and allowlists' (negative), kept apart, so the
+    /// score they might have made is known.
+    pub unknown_up: i32,
+    pub unknown_down: i32,
+}
+
+/// What the lists say of a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Decided {
+    Clean,
+    /// Listed at or above the threshold whatever the silent lists say.
+    Listed(Reply),
+    /// The silent lists could decide either way: try again later. A DNS
+    /// failure is never an accept where a check enforces.
+    Unknown(Reply),
 }
 
 impl Dnsbl {
@@ -96,8 +116,8 @@ impl Check for Dnsbl {
 struct State {
     shared: Arc<Shared>,
     pending: Option<JoinHandle<Listing>>,
-    /// Decided at the first RCPT: Some(reply) when the client is listed.
-    refusal: Option<Option<Reply>>,
+    /// Decided at the first RCPT, for the whole connection.
+    refusal: Option<Decided>,
 }
 
 impl Drop for State {
@@ -114,7 +134,7 @@ impl State {
         self.pending = Some(tokio::spawn(async move { shared.ask(ip).await }));
     }
 
-    async fn refusal(&mut self, ip: IpAddr) -> Option<Reply> {
+    async fn refusal(&mut self, ip: IpAddr) -> Decided {
         if let Some(r) = &self.refusal {
             return r.clone();
         }
@@ -122,20 +142,18 @@ impl State {
             self.start(ip);
         }
         let handle = self.pending.take().expect("started above");
-        let listing = handle.await.unwrap_or_else(|e| {
-            tracing::warn!(%ip, error = %e, "DNSBL lookups failed; counted as not listed");
-            Listing {
-                score: 0,
-                zones: Vec::new(),
+        let decided = match handle.await {
+            Ok(listing) => decide(ip, self.shared.threshold, &listing),
+            Err(e) => {
+                tracing::warn!(%ip, error = %e, "DNSBL lookups failed; try again later");
+                Decided::Unknown(Reply::dnsbl_unavailable())
             }
-        });
-        let refusal = (listing.score >= self.shared.threshold).then(|| {
-            tracing::info!(%ip, score = listing.score, zones = ?listing.zones, "client listed by DNSBL");
-            let zone = listing.zones.first().map_or("a DNSBL", String::as_str);
-            Reply::dnsbl_listed(ip.to_canonical(), zone)
-        });
-        self.refusal = Some(refusal.clone());
-        refusal
+        };
+        // A temporary failure is not remembered: the next RCPT asks again.
+        if !matches!(decided, Decided::Unknown(_)) {
+            self.refusal = Some(decided.clone());
+        }
+        decided
     }
 }
 
@@ -148,15 +166,17 @@ impl CheckState for State {
                     Verdict::Continue
                 }
                 Stage::Rcpt => {
-                    let Some(reply) = self.refusal(facts.ip).await else {
-                        return Verdict::Continue;
-                    };
+                    let decided = self.refusal(facts.ip).await;
                     // RFC 5321 §4.5.1: postmaster must reach a person. The
                     // recipient resolved, so its domain is one we serve.
                     if facts.rcpt.is_some_and(|r| is_postmaster(&r.address)) {
                         return Verdict::Continue;
                     }
-                    Verdict::Reject(reply)
+                    match decided {
+                        Decided::Clean => Verdict::Continue,
+                        Decided::Listed(reply) => Verdict::Reject(reply),
+                        Decided::Unknown(reply) => Verdict::TempFail(reply),
+                    }
                 }
                 _ => Verdict::Continue,
             }
@@ -176,6 +196,8 @@ impl Shared {
         let mut listing = Listing {
             score: 0,
             zones: Vec::new(),
+            unknown_up: 0,
+            unknown_down: 0,
         };
         for (list, answer) in self.lists.iter().zip(answers) {
             match answer {
@@ -188,11 +210,33 @@ impl Shared {
                 }
                 Lookup::Found(_) | Lookup::Missing => {}
                 Lookup::Failed(why) => {
-                    tracing::warn!(%ip, zone = %list.zone, error = %why, "DNS list did not answer; counted as not naming the client");
+                    tracing::warn!(%ip, zone = %list.zone, error = %why, "DNS list did not answer");
+                    if list.weight > 0 {
+                        listing.unknown_up += list.weight;
+                    } else {
+                        listing.unknown_down += list.weight;
+                    }
                 }
             }
         }
         listing
+    }
+}
+
+/// Listed when even the lists that did not answer could not save the
+/// client; clean when even they could not list it; else unknown.
+fn decide(ip: IpAddr, threshold: i32, listing: &Listing) -> Decided {
+    let least = listing.score + listing.unknown_down;
+    let most = listing.score + listing.unknown_up;
+    if least >= threshold {
+        tracing::info!(%ip, score = listing.score, zones = ?listing.zones, "client listed by DNSBL");
+        let zone = listing.zones.first().map_or("a DNSBL", String::as_str);
+        Decided::Listed(Reply::dnsbl_listed(ip.to_canonical(), zone))
+    } else if most < threshold {
+        Decided::Clean
+    } else {
+        tracing::warn!(%ip, score = listing.score, "DNS lists that did not answer could list this client; try again later");
+        Decided::Unknown(Reply::dnsbl_unavailable())
     }
 }
 
@@ -237,6 +281,33 @@ pub fn query_name(ip: IpAddr, zone: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listing(score: i32, unknown_up: i32, unknown_down: i32) -> Listing {
+        Listing {
+            score,
+            zones: vec!["bl.test".into()],
+            unknown_up,
+            unknown_down,
+        }
+    }
+
+    #[test]
+    fn silent_lists_decide_only_where_they_could() {
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let d = |score, up, down| decide(ip, 2, &listing(score, up, down));
+        // Nothing silent: the score alone.
+        assert!(matches!(d(2, 0, 0), Decided::Listed(_)));
+        assert_eq!(d(1, 0, 0), Decided::Clean);
+        // A silent blocklist that could reach the threshold: try later.
+        assert_eq!(d(1, 1, 0), Decided::Unknown(Reply::dnsbl_unavailable()));
+        assert_eq!(d(0, 2, 0), Decided::Unknown(Reply::dnsbl_unavailable()));
+        // One that could not reach it alone changes nothing.
+        assert_eq!(d(0, 1, 0), Decided::Clean);
+        // A silent allowlist that could cancel a listing: try later;
+        // one that could not: still listed.
+        assert_eq!(d(2, 0, -1), Decided::Unknown(Reply::dnsbl_unavailable()));
+        assert!(matches!(d(4, 0, -1), Decided::Listed(_)));
+    }
 
     #[test]
     fn ipv4_is_asked_by_reversed_octets() {

@@ -445,6 +445,15 @@ impl Reply {
             ),
         )
     }
+    /// DNS lists that did not answer could decide whether the client is
+    /// listed: a DNS failure is never an accept where a check enforces.
+    pub fn dnsbl_unavailable() -> Reply {
+        Reply::new(
+            451,
+            "4.4.3",
+            "Cannot check your address against DNS blocklists now, try again later",
+        )
+    }
     /// SPF said `fail` at MAIL FROM under `auth.spf = "reject-fail"`
     /// (RFC 7372: 5.7.23 SPF validation failed).
     pub fn spf_fail(domain: &str, ip: IpAddr) -> Reply {

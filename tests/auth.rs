@@ -751,9 +751,23 @@ async fn a_dead_dns_server_accepts_nothing_wrongly() {
     .await;
     dns.stop();
 
-    // A DNSBL that does not answer lists nobody; DMARC that cannot be
-    // asked is a temporary failure, never an accept.
+    // A DNSBL that does not answer could list the client: RCPT is a
+    // temporary failure, except for postmaster, who must reach a person.
     let mut c = connect(&s).await;
+    c.cmd_prefix("EHLO client.example", "250-").await;
+    c.cmd("MAIL FROM:<s@pass.test>", "250 2.1.0 Sender ok")
+        .await;
+    c.cmd(
+        "RCPT TO:<alice@example.org>",
+        "451 4.4.3 Cannot check your address against DNS blocklists now, try again later",
+    )
+    .await;
+    c.cmd("RCPT TO:<postmaster@example.org>", "250 2.1.5 Recipient ok")
+        .await;
+
+    // DMARC that cannot be asked is a temporary failure, never an accept.
+    let dmarc_only = server(&dns, AuthConfig::default(), |_| {}).await;
+    let mut c = connect(&dmarc_only).await;
     let reply = send(
         &mut c,
         "client.example",
@@ -765,6 +779,7 @@ async fn a_dead_dns_server_accepts_nothing_wrongly() {
         reply,
         "451 4.4.3 DMARC check of pass.test failed for a DNS error, try again later\r\n"
     );
+    assert!(mail(&dmarc_only, "").is_empty() && mail(&dmarc_only, ".Junk").is_empty());
     assert!(mail(&s, "").is_empty() && mail(&s, ".Junk").is_empty());
 
     // SPF under reject-fail: the MAIL reply waits and says try later.
