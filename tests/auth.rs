@@ -32,7 +32,7 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 /// sel._domainkey of pass.test and relay.test. DMARC: p=reject for
 /// pass.test and reject.test, p=quarantine for quarantine.test, p=none for
 /// monitor.test. PTR: 192.0.2.7 is client.test. DNSBL: 127.0.0.1 is on bl.test, wl.test and (with the
-/// code 127.0.0.4) codes.test.
+/// code 127.0.0.4) codes.test; ::1 is on bl.test.
 fn zone(key: &Key) -> Zone {
     Zone::new()
         .txt("pass.test", "v=spf1 ip4:127.0.0.1 -all")
@@ -55,7 +55,12 @@ fn zone(key: &Key) -> Zone {
         .a("1.0.0.127.bl.test", LISTED)
         .a("1.0.0.127.wl.test", LISTED)
         .a("1.0.0.127.codes.test", Ipv4Addr::new(127, 0, 0, 4))
+        .a(&format!("{}.bl.test", LOOPBACK6_NIBBLES), LISTED)
 }
+
+/// `::1` as a DNS list asks for it: its 32 nibbles, last first (RFC 5782
+/// §2.4).
+const LOOPBACK6_NIBBLES: &str = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0";
 
 /// The DNS server and the published key, or None when the suite is
 /// skipped (dnsmasq or dkimpy missing, CI not set).
@@ -669,6 +674,33 @@ async fn a_listed_client_is_refused_but_postmaster_gets_its_mail() {
         .await;
     c.cmd_prefix("RCPT TO:<bob@example.org>", "554 5.7.1 ")
         .await;
+}
+
+#[tokio::test]
+async fn an_ipv6_client_is_looked_up_by_its_nibbles() {
+    let Some((dns, _)) = setup() else { return };
+    let off = policy(SpfPolicy::Off, OFF, DmarcPolicy::Off, OFF);
+    let s = server(&dns, off, |c| {
+        c.smtp.listen = vec!["[::1]:0".parse().unwrap()];
+        c.dnsbl = vec![list("bl.test", 1, &[])];
+    })
+    .await;
+    assert!(s.addr.is_ipv6());
+    let mut c = connect(&s).await;
+    c.cmd_prefix("EHLO client.example", "250-").await;
+    c.cmd("MAIL FROM:<s@pass.test>", "250 2.1.0 Sender ok")
+        .await;
+    c.cmd(
+        "RCPT TO:<alice@example.org>",
+        "554 5.7.1 Service unavailable; client [::1] is listed by bl.test; mail to postmaster is accepted",
+    )
+    .await;
+    c.cmd("RCPT TO:<postmaster@example.org>", "250 2.1.5 Recipient ok")
+        .await;
+    assert!(
+        dns.log().contains(&format!("{LOOPBACK6_NIBBLES}.bl.test")),
+        "the nibble name was asked of the DNS server"
+    );
 }
 
 fn list(zone: &str, weight: i32, codes: &[Ipv4Addr]) -> DnsblConfig {
