@@ -117,7 +117,8 @@ pub enum Modification {
     },
     /// Replace the `index`-th (1-based) field called `name`
     /// (case-insensitively); `value: None` deletes it. An index past the
-    /// last such field changes nothing.
+    /// last such field adds the field at the end, as libmilter's
+    /// smfi_chgheader documents (a deletion there changes nothing).
     ChangeHeader {
         /// Which field of that name, from 1.
         index: u32,
