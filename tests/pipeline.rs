@@ -243,6 +243,44 @@ async fn refusals_at_each_stage_use_the_checks_reply() {
 }
 
 #[tokio::test]
+async fn a_421_from_a_check_closes_the_connection() {
+    let b = bare().await;
+    let bye = Reply::new(421, "4.7.0", "Milter says goodbye");
+    const BYE: &str = "421 4.7.0 Milter says goodbye";
+    let session = |stage| {
+        let (check, _) = Fixed::check(stage, Verdict::tempfail(Some(bye.clone())));
+        b.session(vec![check])
+    };
+
+    let mut c = session(Stage::Helo);
+    c.greeting().await;
+    c.cmd("EHLO client.example", BYE).await;
+    assert_eq!(c.reply().await, "", "closed after the 421");
+
+    let mut c = session(Stage::Mail);
+    c.greeting().await;
+    c.cmd_prefix("EHLO client.example", "250-").await;
+    c.cmd("MAIL FROM:<s@remote.example>", BYE).await;
+    assert_eq!(c.reply().await, "", "closed after the 421");
+
+    let mut c = session(Stage::Rcpt);
+    c.greeting().await;
+    c.cmd_prefix("EHLO client.example", "250-").await;
+    c.cmd("MAIL FROM:<s@remote.example>", "250 2.1.0 Sender ok")
+        .await;
+    c.cmd("RCPT TO:<alice@example.org>", BYE).await;
+    assert_eq!(c.reply().await, "", "closed after the 421");
+
+    let mut c = session(Stage::Data);
+    through_rcpt(&mut c).await;
+    c.cmd_prefix("DATA", "354").await;
+    c.send(format!("{BODY}.\r\n").as_bytes()).await;
+    assert_eq!(c.reply().await, format!("{BYE}\r\n"));
+    assert_eq!(c.reply().await, "", "closed after the 421");
+    assert!(b.inbox("alice").is_empty());
+}
+
+#[tokio::test]
 async fn headers_from_checks_land_below_received_and_discard_stores_nothing() {
     let b = bare().await;
     let spam = Header::new("X-Spam", "no").unwrap();

@@ -262,12 +262,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(cmd) => self.dispatch(cmd).await?,
                 Err(reply) => (vec![reply], Next::Continue),
             };
+            // 421 is "closing transmission channel" (RFC 5321 §3.8,
+            // §4.2.3): whoever chose it (a milter's shutdown, a policy
+            // server's action), the session ends after saying it.
+            let closing = replies.iter().any(|r| r.code == 421);
             let mut too_many = false;
             for reply in replies {
                 too_many |= self.reply(reply);
             }
             match next {
-                _ if too_many => break,
+                _ if too_many || closing => break,
                 Next::Continue => {}
                 Next::Close => break,
                 Next::StartTls => {
