@@ -1672,3 +1672,36 @@ async fn a_smarthost_login_needs_a_certificate_the_sender_trusts() {
     }
     assert!(hub.new_files("xavier@x.test").is_empty());
 }
+
+/// A relay pointed at a port that never asks for a password (here the
+/// hub's port 25: STARTTLS with a trusted certificate, but no AUTH) is not
+/// sent one, and the error says what the port offers; it used to get AUTH
+/// PLAIN anyway and report "refused our login: 502 5.5.1 Command not
+/// implemented", as if the password were wrong.
+#[tokio::test]
+async fn a_smarthost_port_that_offers_no_auth_is_not_sent_the_password() {
+    let ip = "127.0.15.2";
+    let pki = Pki::new();
+    let hub = smarthost(ip, pki.listeners(&pki.ca, ip, None, None)).await;
+    let dns = DnsServer::start(&["test"], &[]);
+    let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
+    let s = sender(&dns, 25, pki.relay_login(hub.addr.to_string(), password)).await;
+    assert!(inject(&s, "alice@example.org", &["xavier@x.test"], "port 25").await);
+    let q = wait_queue(&s, "deferred", Duration::from_secs(20), |q| {
+        q.first().is_some_and(|e| e.recipients[0].attempts >= 1)
+    })
+    .await;
+    let r = &q[0].recipients[0];
+    assert_eq!(r.status, Status::Queued);
+    assert_eq!(
+        r.last_error.as_deref(),
+        Some(
+            format!(
+                "{ip}[{ip}]:{}: offers no AUTH; the relay password is not sent",
+                hub.addr.port()
+            )
+            .as_str()
+        )
+    );
+    assert!(hub.new_files("xavier@x.test").is_empty());
+}
