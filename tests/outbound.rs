@@ -6,8 +6,9 @@
 //! (inbound SMTP does not accept remote recipients yet). Each test has its
 //! own 127.0.N.0/24 so tests never share a destination.
 //!
-//! Needs the Debian packages dnsmasq and postfix (smtp-sink); smtp-sink
-//! and the MTA-STS policy host (port 443) need root.
+//! Needs the Debian packages dnsmasq and postfix (smtp-sink); smtp-sink,
+//! the MTA-STS policy host (port 443) and the smarthost on port 465 need
+//! root.
 
 mod common;
 
@@ -1175,4 +1176,532 @@ async fn a_smarthost_takes_every_domain_in_one_transaction_and_routes_override_m
     .await;
     assert!(inject(&s2, "alice@example.org", &["zoe@z.test"], "routed").await);
     wait_mail(&hop, "zoe@z.test", 1, Duration::from_secs(20)).await;
+}
+
+/// The password of alice@example.org's account on the smarthost.
+const HUB_PASSWORD: &str = "correct horse battery";
+
+/// A smarthost that is a real letterbox: smtp.provider.test on `ip`
+/// (port 25's listener on an ephemeral port), serving x.test (xavier) and
+/// y.test (yves). It hosts example.org's accounts too, as a provider
+/// would: alice@example.org logs in with [`HUB_PASSWORD`] and may send as
+/// herself. `tweak` adds its TLS and submission listeners.
+async fn smarthost(ip: &str, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let hub = destination(ip, 0, "smtp.provider.test", "x.test", &["xavier"], tweak).await;
+    hub.directory.domain_add("y.test").await.unwrap();
+    hub.directory
+        .user_add("yves@y.test", Some('+'), None, 0)
+        .await
+        .unwrap();
+    let hash = letterbox::blocking::run("hashing the hub's password", || {
+        letterbox::password::hash(HUB_PASSWORD).unwrap()
+    })
+    .await
+    .unwrap();
+    hub.directory
+        .user_set_password("alice@example.org", Some('+'), &hash)
+        .await
+        .unwrap();
+    hub
+}
+
+/// Certificates for a test's smarthosts: a CA the sender trusts through
+/// `outbound.ca_file`, in a directory that also holds password files.
+struct Pki {
+    ca: Ca,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let pki = Pki {
+            ca: Ca::new("letterbox test CA"),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::write(pki.ca_file(), pki.ca.cert.pem()).unwrap();
+        pki
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A hub config change: the certificate `ca` issued for `host`, and
+    /// submission with STARTTLS on `starttls`, implicit TLS on `implicit`.
+    fn listeners(
+        &self,
+        ca: &Ca,
+        host: &str,
+        starttls: Option<String>,
+        implicit: Option<String>,
+    ) -> impl FnOnce(&mut Config) + use<> {
+        let (cert, key) = ca.issue(self.dir.path(), host);
+        move |c: &mut Config| {
+            c.tls.cert = Some(cert);
+            c.tls.key = Some(key);
+            c.submission.listen = starttls.iter().map(|a| a.parse().unwrap()).collect();
+            c.submission.listen_tls = implicit.iter().map(|a| a.parse().unwrap()).collect();
+        }
+    }
+
+    /// A password file holding exactly `text`.
+    fn password_file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A sender config change: every remote message to `relay`, logged in
+    /// as alice@example.org with the password in `password_file`.
+    fn relay_login(&self, relay: String, password_file: PathBuf) -> impl FnOnce(&mut Config) {
+        let ca_file = self.ca_file();
+        move |c: &mut Config| {
+            c.outbound.relay = relay;
+            c.outbound.relay_username = "alice@example.org".into();
+            c.outbound.relay_password_file = password_file;
+            c.outbound.ca_file = ca_file;
+        }
+    }
+}
+
+/// The first four lines of the `Received:` field `by` wrote, each line
+/// without its newline.
+fn received_by<'a>(message: &'a str, by: &str) -> Vec<&'a str> {
+    let at = message
+        .find(&format!("\n\tby {by} with "))
+        .unwrap_or_else(|| panic!("no Received by {by} in {message}"));
+    let start = message[..at].rfind("\nReceived: ").unwrap() + 1;
+    message[start..].lines().take(4).collect()
+}
+
+/// What a message relayed by the sender carries once the hub delivered it
+/// to `rcpt`: the hub's Received field on top, naming the sender's login
+/// (ESMTPSA) and TLS, then ours. Returns the hub's transaction id.
+fn check_relayed(message: &str, rcpt: &str) -> String {
+    let id = received_id(message, "smtp.provider.test");
+    let hub = received_by(message, "smtp.provider.test");
+    assert_eq!(
+        hub[..2],
+        [
+            "Received: from mx.example.org (unknown [127.0.0.1])".to_string(),
+            format!("\tby smtp.provider.test with ESMTPSA id {id}"),
+        ],
+        "{message}"
+    );
+    assert!(
+        hub[2].starts_with("\t(TLSv1.3:TLS13_") && hub[2].ends_with(')'),
+        "{message}"
+    );
+    assert!(
+        hub[3].starts_with(&format!("\tfor <{rcpt}>; ")),
+        "{message}"
+    );
+    assert!(
+        message.starts_with(&format!(
+            "Return-Path: <alice@example.org>\nDelivered-To: {rcpt}\n{}\n",
+            hub.join("\n")
+        )),
+        "the hub's Received field is on top: {message}"
+    );
+    let ours = received_id(message, "mx.example.org");
+    assert_eq!(
+        received_by(message, "mx.example.org")[1],
+        format!("\tby mx.example.org with ESMTP id {ours}"),
+        "{message}"
+    );
+    id
+}
+
+/// Issue #14: the smarthost on its STARTTLS submission port, the sender
+/// logged in with the password file's first line (its newline is no part
+/// of the password). Both remote domains go in one authenticated
+/// transaction.
+#[tokio::test]
+async fn a_smarthost_login_over_starttls_relays_every_domain_in_one_transaction() {
+    let ip = "127.0.10.2";
+    let pki = Pki::new();
+    let hub = smarthost(
+        ip,
+        pki.listeners(&pki.ca, ip, Some(format!("{ip}:0")), None),
+    )
+    .await;
+    let relay = hub.running.as_ref().unwrap().submission_addrs[0];
+    let dns = DnsServer::start(&["test"], &[]);
+    let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
+    let s = sender(&dns, 25, pki.relay_login(relay.to_string(), password)).await;
+    assert!(
+        inject(
+            &s,
+            "alice@example.org",
+            &["xavier@x.test", "yves@y.test"],
+            "relayed with a login"
+        )
+        .await
+    );
+    let x = wait_mail(&hub, "xavier@x.test", 1, Duration::from_secs(20)).await;
+    let y = wait_mail(&hub, "yves@y.test", 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        check_relayed(&x[0], "xavier@x.test"),
+        check_relayed(&y[0], "yves@y.test"),
+        "one transaction to the smarthost"
+    );
+    assert!(x[0].contains("\nSubject: relayed with a login\n"));
+    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+    assert!(
+        hub.new_files("alice@example.org").is_empty(),
+        "nothing bounced at the hub"
+    );
+}
+
+/// A smarthost on port 465 is spoken to in TLS from the first byte
+/// (RFC 8314), and the login goes inside it. Port 465 needs root.
+#[tokio::test]
+async fn a_smarthost_on_port_465_gets_implicit_tls_and_the_login() {
+    let ip = "127.0.11.2";
+    let pki = Pki::new();
+    let hub = smarthost(
+        ip,
+        pki.listeners(&pki.ca, ip, None, Some(format!("{ip}:465"))),
+    )
+    .await;
+    assert_eq!(
+        hub.running.as_ref().unwrap().submissions_addrs[0],
+        format!("{ip}:465").parse().unwrap(),
+        "binding port 465 needs root"
+    );
+    let dns = DnsServer::start(&["test"], &[]);
+    // No newline at all at the end of the file: the same password.
+    let password = pki.password_file("password", HUB_PASSWORD);
+    let s = sender(&dns, 25, pki.relay_login(format!("{ip}:465"), password)).await;
+    assert!(
+        inject(
+            &s,
+            "alice@example.org",
+            &["xavier@x.test", "yves@y.test"],
+            "implicit TLS"
+        )
+        .await
+    );
+    let x = wait_mail(&hub, "xavier@x.test", 1, Duration::from_secs(20)).await;
+    let y = wait_mail(&hub, "yves@y.test", 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        check_relayed(&x[0], "xavier@x.test"),
+        check_relayed(&y[0], "yves@y.test"),
+        "one transaction to the smarthost"
+    );
+    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+}
+
+/// Stops `s` and starts it again on the same config and files, its queue
+/// kept: how an operator has it read its password file again.
+async fn restart(s: &mut TestServer) {
+    let running = s.running.take().unwrap();
+    running.shutdown();
+    running.wait().await;
+    let running = letterbox::serve::start(s.config.clone()).await.unwrap();
+    s.addr = running.smtp_addrs[0];
+    s.running = Some(running);
+}
+
+/// The smarthost refuses the password: the message waits in the queue,
+/// saying why, and is retried (a refused login is not a bounce). Once the
+/// file holds the right password and the sender has read it again, the
+/// message goes, once.
+#[tokio::test]
+async fn a_refused_smarthost_login_defers_until_the_password_is_fixed() {
+    let ip = "127.0.12.2";
+    let pki = Pki::new();
+    let hub = smarthost(ip, |c| {
+        pki.listeners(&pki.ca, ip, Some(format!("{ip}:0")), None)(c);
+        // The sender's retries are not to lock it out of the hub.
+        c.limits.auth_failures = "1000/10m".parse().unwrap();
+    })
+    .await;
+    let relay = hub.running.as_ref().unwrap().submission_addrs[0];
+    let dns = DnsServer::start(&["test"], &[]);
+    let password = pki.password_file("password", "correct horse\n");
+    let mut s = sender(
+        &dns,
+        25,
+        pki.relay_login(relay.to_string(), password.clone()),
+    )
+    .await;
+    assert!(
+        inject(
+            &s,
+            "alice@example.org",
+            &["xavier@x.test", "yves@y.test"],
+            "wrong password"
+        )
+        .await
+    );
+    let q = wait_queue(&s, "deferred twice", Duration::from_secs(20), |q| {
+        q.first()
+            .is_some_and(|e| e.recipients.iter().all(|r| r.attempts >= 2))
+    })
+    .await;
+    assert_eq!(q.len(), 1);
+    let want = format!(
+        "{ip}[{ip}]:{}: refused our login: 535 5.7.8 Authentication credentials invalid",
+        relay.port()
+    );
+    for r in &q[0].recipients {
+        assert_eq!(r.status, Status::Queued, "{r:?}");
+        assert_eq!(r.last_error.as_deref(), Some(want.as_str()), "{r:?}");
+    }
+    assert!(hub.new_files("xavier@x.test").is_empty());
+    assert!(hub.new_files("yves@y.test").is_empty());
+    assert!(
+        s.new_files("alice@example.org").is_empty(),
+        "a refused login is not a bounce"
+    );
+
+    // Fixed (by an editor that ends lines in CRLF), and read at restart.
+    std::fs::write(&password, format!("{HUB_PASSWORD}\r\n")).unwrap();
+    restart(&mut s).await;
+    let x = wait_mail(&hub, "xavier@x.test", 1, Duration::from_secs(20)).await;
+    let y = wait_mail(&hub, "yves@y.test", 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        check_relayed(&x[0], "xavier@x.test"),
+        check_relayed(&y[0], "yves@y.test")
+    );
+    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+    // Once: nothing more arrives after the queue is empty.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(hub.new_files("xavier@x.test").len(), 1);
+    assert_eq!(hub.new_files("yves@y.test").len(), 1);
+}
+
+/// A peer that speaks just enough SMTP to offer AUTH without STARTTLS,
+/// and would take any login and any message; it records what each
+/// connection sent it, and whether that connection has ended.
+struct RecordingPeer {
+    addr: std::net::SocketAddr,
+    sessions: Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+/// One connection to a [`RecordingPeer`].
+#[derive(Default)]
+struct Recorded {
+    /// Every byte the client sent.
+    bytes: Vec<u8>,
+    /// The client closed the connection.
+    ended: bool,
+}
+
+impl RecordingPeer {
+    async fn start(ip: &str) -> RecordingPeer {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sessions = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let all = sessions.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let all = all.clone();
+                let n = {
+                    let mut all = all.lock().unwrap();
+                    all.push(Recorded::default());
+                    all.len() - 1
+                };
+                tokio::spawn(async move {
+                    let mut s = tokio::io::BufReader::new(tcp);
+                    let _ = s.get_mut().write_all(b"220 relay.test ESMTP\r\n").await;
+                    let mut in_data = false;
+                    loop {
+                        let mut line = Vec::new();
+                        match s.read_until(b'\n', &mut line).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                        all.lock().unwrap()[n].bytes.extend_from_slice(&line);
+                        let text = String::from_utf8_lossy(&line).to_ascii_uppercase();
+                        let reply: &[u8] = if in_data {
+                            if line != b".\r\n" {
+                                continue;
+                            }
+                            in_data = false;
+                            b"250 2.0.0 taken\r\n"
+                        } else if text.starts_with("EHLO") {
+                            b"250-relay.test\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
+                        } else if text.starts_with("AUTH") {
+                            b"235 2.7.0 welcome\r\n"
+                        } else if text.starts_with("DATA") {
+                            in_data = true;
+                            b"354 go on\r\n"
+                        } else if text.starts_with("QUIT") {
+                            b"221 2.0.0 bye\r\n"
+                        } else {
+                            b"250 2.0.0 ok\r\n"
+                        };
+                        if s.get_mut().write_all(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                    all.lock().unwrap()[n].ended = true;
+                });
+            }
+        });
+        RecordingPeer { addr, sessions }
+    }
+
+    /// What each connection sent, once every one of them has ended.
+    async fn ended_sessions(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let all = self.sessions.lock().unwrap();
+                if all.iter().all(|r| r.ended) {
+                    return all
+                        .iter()
+                        .map(|r| String::from_utf8_lossy(&r.bytes).into_owned())
+                        .collect();
+                }
+            }
+            assert!(Instant::now() < deadline, "a session never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A smarthost that offers no STARTTLS gets no password: not a real
+/// letterbox (its port 25 offers no AUTH either), and not a peer that
+/// offers AUTH in plaintext, which is shown to have received the EHLO and
+/// nothing more. The message waits, saying why.
+#[tokio::test]
+async fn no_password_goes_to_a_smarthost_without_tls() {
+    let (plain_hub, peer_ip) = ("127.0.13.2", "127.0.13.3");
+    let pki = Pki::new();
+    let dns = DnsServer::start(&["test"], &[]);
+    let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
+    let refusal = |at: std::net::SocketAddr| {
+        let ip = at.ip();
+        vec![format!(
+            "{ip}[{ip}]:{}: TLS required (the smarthost login) but STARTTLS is not offered; \
+             not delivered",
+            at.port()
+        )]
+    };
+    let last_errors = |q: &[Entry]| -> Vec<String> {
+        q.iter()
+            .flat_map(|e| &e.recipients)
+            .map(|r| r.last_error.clone().unwrap_or_default())
+            .collect()
+    };
+
+    // A letterbox with no certificate: SMTP in plaintext only.
+    let hub = smarthost(plain_hub, |_| {}).await;
+    let s = sender(
+        &dns,
+        25,
+        pki.relay_login(hub.addr.to_string(), password.clone()),
+    )
+    .await;
+    assert!(inject(&s, "alice@example.org", &["xavier@x.test"], "no TLS").await);
+    let q = wait_queue(&s, "deferred", Duration::from_secs(20), |q| {
+        q.first().is_some_and(|e| e.recipients[0].attempts >= 1)
+    })
+    .await;
+    assert_eq!(q[0].recipients[0].status, Status::Queued);
+    assert_eq!(last_errors(&q), refusal(hub.addr));
+    assert!(hub.new_files("xavier@x.test").is_empty());
+
+    // A peer offering AUTH in plaintext, which takes any login; one
+    // attempt, so its record is complete once that attempt is recorded.
+    let peer = RecordingPeer::start(peer_ip).await;
+    let s = sender(&dns, 25, |c| {
+        pki.relay_login(peer.addr.to_string(), password.clone())(c);
+        c.queue.retry_schedule = vec![Dur::from_secs(3600)];
+    })
+    .await;
+    assert!(inject(&s, "alice@example.org", &["xavier@x.test"], "no TLS").await);
+    let q = wait_queue(&s, "deferred", Duration::from_secs(20), |q| {
+        q.first().is_some_and(|e| e.recipients[0].attempts >= 1)
+    })
+    .await;
+    assert_eq!(last_errors(&q), refusal(peer.addr));
+    assert_eq!(peer.ended_sessions().await, ["EHLO mx.example.org\r\n"]);
+}
+
+/// The smarthost we log in to must prove who it is: a certificate from a
+/// CA the sender does not trust fails the handshake, before any login,
+/// over STARTTLS and over implicit TLS alike.
+#[tokio::test]
+async fn a_smarthost_login_needs_a_certificate_the_sender_trusts() {
+    let ip = "127.0.14.2";
+    let pki = Pki::new();
+    let rogue = Ca::new("nobody trusts this CA");
+    let hub = smarthost(
+        ip,
+        pki.listeners(
+            &rogue,
+            ip,
+            Some(format!("{ip}:0")),
+            Some(format!("{ip}:465")),
+        ),
+    )
+    .await;
+    let starttls = hub.running.as_ref().unwrap().submission_addrs[0];
+    let dns = DnsServer::start(&["test"], &[]);
+    let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
+    for (relay, want) in [
+        (
+            starttls.to_string(),
+            format!(
+                "{ip}[{ip}]:{}: TLS required (the smarthost login) but the handshake failed: \
+                 invalid peer certificate: UnknownIssuer; not delivered",
+                starttls.port()
+            ),
+        ),
+        (
+            format!("{ip}:465"),
+            format!(
+                "{ip}[{ip}]:465: TLS handshake failed: invalid peer certificate: UnknownIssuer"
+            ),
+        ),
+    ] {
+        let s = sender(&dns, 25, pki.relay_login(relay.clone(), password.clone())).await;
+        assert!(inject(&s, "alice@example.org", &["xavier@x.test"], "untrusted").await);
+        let q = wait_queue(&s, "deferred", Duration::from_secs(20), |q| {
+            q.first().is_some_and(|e| e.recipients[0].attempts >= 1)
+        })
+        .await;
+        let r = &q[0].recipients[0];
+        assert_eq!(r.status, Status::Queued, "{relay}");
+        assert_eq!(r.last_error.as_deref(), Some(want.as_str()), "{relay}");
+    }
+    assert!(hub.new_files("xavier@x.test").is_empty());
+}
+
+/// A relay pointed at a port that never asks for a password (here the
+/// hub's port 25: STARTTLS with a trusted certificate, but no AUTH) is not
+/// sent one, and the error says what the port offers; it used to get AUTH
+/// PLAIN anyway and report "refused our login: 502 5.5.1 Command not
+/// implemented", as if the password were wrong.
+#[tokio::test]
+async fn a_smarthost_port_that_offers_no_auth_is_not_sent_the_password() {
+    let ip = "127.0.15.2";
+    let pki = Pki::new();
+    let hub = smarthost(ip, pki.listeners(&pki.ca, ip, None, None)).await;
+    let dns = DnsServer::start(&["test"], &[]);
+    let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
+    let s = sender(&dns, 25, pki.relay_login(hub.addr.to_string(), password)).await;
+    assert!(inject(&s, "alice@example.org", &["xavier@x.test"], "port 25").await);
+    let q = wait_queue(&s, "deferred", Duration::from_secs(20), |q| {
+        q.first().is_some_and(|e| e.recipients[0].attempts >= 1)
+    })
+    .await;
+    let r = &q[0].recipients[0];
+    assert_eq!(r.status, Status::Queued);
+    assert_eq!(
+        r.last_error.as_deref(),
+        Some(
+            format!(
+                "{ip}[{ip}]:{}: offers no AUTH; the relay password is not sent",
+                hub.addr.port()
+            )
+            .as_str()
+        )
+    );
+    assert!(hub.new_files("xavier@x.test").is_empty());
 }

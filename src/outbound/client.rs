@@ -95,10 +95,17 @@ pub struct Caps {
     pub size: Option<u64>,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
-    pub auth_plain: bool,
+    /// The SASL mechanisms of the AUTH line, uppercased: a password goes
+    /// only to a server that asks for it by a mechanism we speak.
+    pub auth: Vec<String>,
 }
 
 impl Caps {
+    /// Whether the server lists `mechanism` (uppercase) in its AUTH line.
+    pub fn offers_auth(&self, mechanism: &str) -> bool {
+        self.auth.iter().any(|m| m == mechanism)
+    }
+
     fn parse(r: &Response) -> Caps {
         let mut caps = Caps {
             esmtp: true,
@@ -112,7 +119,7 @@ impl Caps {
                 "SIZE" => caps.size = words.next().and_then(|n| n.parse().ok()).or(Some(0)),
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
-                "AUTH" => caps.auth_plain = words.any(|w| w.eq_ignore_ascii_case("PLAIN")),
+                "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
             }
         }
@@ -431,6 +438,24 @@ mod tests {
                 "last line no CRLF\r\n"
             ]
         );
+    }
+
+    #[test]
+    fn the_auth_line_lists_mechanisms() {
+        let ehlo = |lines: &[&str]| {
+            Caps::parse(&Response {
+                code: 250,
+                lines: lines.iter().map(|l| l.to_string()).collect(),
+            })
+        };
+        let caps = ehlo(&["smtp.example.net", "SIZE 1000", "auth login Plain"]);
+        assert_eq!(caps.auth, ["LOGIN", "PLAIN"]);
+        assert!(caps.offers_auth("PLAIN"));
+        let caps = ehlo(&["smtp.example.net", "AUTH LOGIN XOAUTH2"]);
+        assert!(!caps.offers_auth("PLAIN"));
+        // The greeting line is no capability.
+        let caps = ehlo(&["AUTH PLAIN", "8BITMIME"]);
+        assert!(caps.auth.is_empty() && caps.eight_bit_mime);
     }
 
     #[test]

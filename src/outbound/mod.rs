@@ -733,6 +733,18 @@ impl Outbound {
             if c.tls.is_none() && !implicit_tls {
                 return Err(other("will not send the relay password without TLS".into()));
             }
+            // A server that does not ask for a password (a port 25 MX, a
+            // relay misconfigured to one) is not sent it, and the operator
+            // is told what it offers instead of a bare 502 to AUTH.
+            if !c.caps.offers_auth("PLAIN") {
+                return Err(other(match c.caps.auth.as_slice() {
+                    [] => "offers no AUTH; the relay password is not sent".into(),
+                    offered => format!(
+                        "offers AUTH {} but not PLAIN; the relay password is not sent",
+                        offered.join(" ")
+                    ),
+                }));
+            }
             let r = c
                 .auth_plain(user, password)
                 .await
