@@ -1448,6 +1448,7 @@ async fn a_refused_smarthost_login_defers_until_the_password_is_fixed() {
     for r in &q[0].recipients {
         assert_eq!(r.status, Status::Queued, "{r:?}");
         assert_eq!(r.last_error.as_deref(), Some(want.as_str()), "{r:?}");
+        assert_eq!(r.last_status.as_deref(), Some("4.7.8"), "{r:?}");
     }
     assert!(hub.new_files("xavier@x.test").is_empty());
     assert!(hub.new_files("yves@y.test").is_empty());
@@ -1656,7 +1657,8 @@ async fn a_smarthost_login_needs_a_certificate_the_sender_trusts() {
         (
             format!("{ip}:465"),
             format!(
-                "{ip}[{ip}]:465: TLS handshake failed: invalid peer certificate: UnknownIssuer"
+                "{ip}[{ip}]:465: TLS required (the smarthost login) but the handshake failed: \
+                 invalid peer certificate: UnknownIssuer; not delivered"
             ),
         ),
     ] {
@@ -1669,6 +1671,7 @@ async fn a_smarthost_login_needs_a_certificate_the_sender_trusts() {
         let r = &q[0].recipients[0];
         assert_eq!(r.status, Status::Queued, "{relay}");
         assert_eq!(r.last_error.as_deref(), Some(want.as_str()), "{relay}");
+        assert_eq!(r.last_status.as_deref(), Some("4.7.5"), "{relay}");
     }
     assert!(hub.new_files("xavier@x.test").is_empty());
 }

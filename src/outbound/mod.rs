@@ -166,7 +166,10 @@ impl Outcome {
 enum HostError {
     /// Opportunistic TLS failed: try the same address in plaintext.
     TlsFailed(String),
-    Other(String),
+    /// Anything else, with the enhanced status (RFC 3463) it is reported
+    /// under when no host does better: `4.4.1` for a host that would not
+    /// talk, `4.7.x` for a security requirement or a login that failed.
+    Other(&'static str, String),
 }
 
 impl Outbound {
@@ -599,6 +602,7 @@ impl Outbound {
         };
 
         let mut last = format!("no host of {domain} could be reached");
+        let mut last_status = "4.4.1";
         for host in &hosts {
             for &ip in &host.addrs {
                 let mut use_tls = true;
@@ -612,17 +616,21 @@ impl Outbound {
                             tracing::info!(host = %host.name, %ip, error = %why, "opportunistic TLS failed; trying without");
                             use_tls = false;
                         }
-                        Err(HostError::TlsFailed(why) | HostError::Other(why)) => {
+                        Err(HostError::TlsFailed(why)) => {
                             tracing::info!(host = %host.name, %ip, error = %why, "host failed; trying the next");
-                            last = why;
+                            (last, last_status) = (why, "4.7.5");
+                            break;
+                        }
+                        Err(HostError::Other(status, why)) => {
+                            tracing::info!(host = %host.name, %ip, error = %why, "host failed; trying the next");
+                            (last, last_status) = (why, status);
                             break;
                         }
                     }
                 }
             }
         }
-        let status = if strict { "4.7.5" } else { "4.4.1" };
-        all(Outcome::local(Kind::Temporary, status, last))
+        all(Outcome::local(Kind::Temporary, last_status, last))
     }
 
     /// Connects to one address of one host and, if it will talk, runs the
@@ -640,7 +648,9 @@ impl Outbound {
         domain: &str,
     ) -> Result<Vec<Outcome>, HostError> {
         let at = format!("{}[{ip}]:{}", host.name, host.port);
-        let other = |why: String| HostError::Other(format!("{at}: {why}"));
+        let other = |why: String| HostError::Other("4.4.1", format!("{at}: {why}"));
+        // A security requirement not met, or a login the relay refused.
+        let security = |status, why: String| HostError::Other(status, format!("{at}: {why}"));
         let addr = SocketAddr::new(ip, host.port);
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
@@ -653,7 +663,16 @@ impl Outbound {
             let tls = tokio_rustls::TlsConnector::from(self.tls.strict.clone())
                 .connect(name.clone(), tcp)
                 .await
-                .map_err(|e| other(format!("TLS handshake failed: {e}")))?;
+                .map_err(|e| match login {
+                    Some(_) => security(
+                        "4.7.5",
+                        format!(
+                            "TLS required ({}) but the handshake failed: {e}; not delivered",
+                            requirement(login, domain)
+                        ),
+                    ),
+                    None => security("4.7.5", format!("TLS handshake failed: {e}")),
+                })?;
             Box::new(tls)
         } else {
             Box::new(tcp)
@@ -707,7 +726,10 @@ impl Outbound {
                     c = plain;
                 }
                 Ok(Err((_, r))) => {
-                    return Err(other(format!("refused STARTTLS: {}", r.one_line())));
+                    return Err(security(
+                        "4.7.5",
+                        format!("refused STARTTLS: {}", r.one_line()),
+                    ));
                 }
                 Err(ClientError::Tls(why)) => {
                     let why = if strict {
@@ -723,34 +745,48 @@ impl Outbound {
                 Err(e) => return Err(HostError::TlsFailed(format!("{at}: STARTTLS: {e}"))),
             }
         } else if strict {
-            return Err(other(format!(
-                "TLS required ({}) but STARTTLS is not offered; not delivered",
-                requirement(login, domain)
-            )));
+            return Err(security(
+                "4.7.5",
+                format!(
+                    "TLS required ({}) but STARTTLS is not offered; not delivered",
+                    requirement(login, domain)
+                ),
+            ));
         }
 
         if let Some((user, password)) = login {
             if c.tls.is_none() && !implicit_tls {
-                return Err(other("will not send the relay password without TLS".into()));
+                return Err(security(
+                    "4.7.5",
+                    "will not send the relay password without TLS".into(),
+                ));
             }
             // A server that does not ask for a password (a port 25 MX, a
             // relay misconfigured to one) is not sent it, and the operator
             // is told what it offers instead of a bare 502 to AUTH.
             if !c.caps.offers_auth("PLAIN") {
-                return Err(other(match c.caps.auth.as_slice() {
-                    [] => "offers no AUTH; the relay password is not sent".into(),
-                    offered => format!(
-                        "offers AUTH {} but not PLAIN; the relay password is not sent",
-                        offered.join(" ")
-                    ),
-                }));
+                return Err(security(
+                    "4.7.0",
+                    match c.caps.auth.as_slice() {
+                        [] => "offers no AUTH; the relay password is not sent".into(),
+                        offered => format!(
+                            "offers AUTH {} but not PLAIN; the relay password is not sent",
+                            offered.join(" ")
+                        ),
+                    },
+                ));
             }
             let r = c
                 .auth_plain(user, password)
                 .await
                 .map_err(|e| other(e.to_string()))?;
             if r.code != 235 {
-                return Err(other(format!("refused our login: {}", r.one_line())));
+                // RFC 4954's 535 5.7.8; kept temporary: the queue retries
+                // until the password is fixed or the message expires.
+                return Err(security(
+                    "4.7.8",
+                    format!("refused our login: {}", r.one_line()),
+                ));
             }
         }
 
