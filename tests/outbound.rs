@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::dns_server::{DnsServer, common_port};
+use common::dns_server::{DnsServer, common_port, dns_with};
 use common::server::TestServer;
 use letterbox::config::Config;
 use letterbox::directory::Route;
@@ -220,7 +220,7 @@ fn check_dsn(dsn: &str) -> String {
 async fn one_transaction_per_domain_local_copies_together_and_a_5xx_bounces() {
     let (a, b) = ("127.0.1.2", "127.0.1.3");
     let port = common_port(&[a, b]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=a.test,mx.a.test,10".into(),
@@ -298,7 +298,7 @@ async fn one_transaction_per_domain_local_copies_together_and_a_5xx_bounces() {
 async fn a_tempfail_is_retried_until_it_is_delivered() {
     let a = "127.0.2.2";
     let port = common_port(&[a]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=a.test,mx.a.test,10".into(),
@@ -342,7 +342,7 @@ async fn a_tempfail_is_retried_until_it_is_delivered() {
 async fn an_alias_forwards_to_another_server_with_the_local_copy_in_one_transaction() {
     let a = "127.0.8.2";
     let port = common_port(&[a]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=a.test,mx.a.test,10".into(),
@@ -395,7 +395,7 @@ async fn an_alias_forwards_to_another_server_with_the_local_copy_in_one_transact
 async fn null_mx_bounces_at_once_and_a_domain_without_mx_gets_its_address() {
     let a = "127.0.3.2";
     let port = common_port(&[a]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=null.test,.,0".into(),
@@ -472,7 +472,7 @@ impl Drop for SmtpSink {
 async fn a_refusing_mx_bounces_and_one_that_defers_forever_expires() {
     let (soft, hard) = ("127.0.4.2", "127.0.4.3");
     let port = common_port(&[soft, hard]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=soft.test,mx.soft.test,10".into(),
@@ -526,7 +526,7 @@ async fn a_refusing_mx_bounces_and_one_that_defers_forever_expires() {
 async fn a_bounce_that_fails_is_not_bounced() {
     let hard = "127.0.6.2";
     let port = common_port(&[hard]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=hard.test,mx.hard.test,10".into(),
@@ -633,7 +633,7 @@ async fn mta_sts_enforce_refuses_an_untrusted_certificate_and_opportunistic_tls_
     let rogue = Ca::new("nobody trusts this CA");
     let ca_file = certs.path().join("ca.pem");
     std::fs::write(&ca_file, trusted.cert.pem()).unwrap();
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=sts.test,mx.sts.test,10".into(),
@@ -823,7 +823,7 @@ async fn sigkill_with_a_full_queue_then_restart_delivers_each_message_once_and_t
     const N: usize = 30;
     let (a, b) = ("127.0.7.2", "127.0.7.3");
     let port = common_port(&[a, b]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=a.test,mx.a.test,10".into(),
@@ -1053,7 +1053,7 @@ async fn sigkill_with_a_full_queue_then_restart_delivers_each_message_once_and_t
 
 #[tokio::test]
 async fn local_and_remote_copies_are_all_or_nothing() {
-    let dns = DnsServer::start(&["test"], &[]);
+    let dns = dns_with(&["test"], &[]);
     let s = sender(&dns, 25, |_| {}).await;
     let pipeline = &s.running.as_ref().unwrap().pipeline;
     let queue_dir = s
@@ -1137,7 +1137,7 @@ async fn a_smarthost_takes_every_domain_in_one_transaction_and_routes_override_m
     let (relay, route) = ("127.0.9.2", "127.0.9.3");
     let port = common_port(&[relay, route]);
     // No MX records at all: only the relay and the route can deliver.
-    let dns = DnsServer::start(&["test"], &[]);
+    let dns = dns_with(&["test"], &[]);
     let hub = destination(
         relay,
         port,
@@ -1326,7 +1326,7 @@ async fn a_smarthost_login_over_starttls_relays_every_domain_in_one_transaction(
     )
     .await;
     let relay = hub.running.as_ref().unwrap().submission_addrs[0];
-    let dns = DnsServer::start(&["test"], &[]);
+    let dns = dns_with(&["test"], &[]);
     let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
     let s = sender(&dns, 25, pki.relay_login(relay.to_string(), password)).await;
     assert!(
@@ -1369,7 +1369,7 @@ async fn a_smarthost_on_port_465_gets_implicit_tls_and_the_login() {
         format!("{ip}:465").parse().unwrap(),
         "binding port 465 needs root"
     );
-    let dns = DnsServer::start(&["test"], &[]);
+    let dns = dns_with(&["test"], &[]);
     // No newline at all at the end of the file: the same password.
     let password = pki.password_file("password", HUB_PASSWORD);
     let s = sender(&dns, 25, pki.relay_login(format!("{ip}:465"), password)).await;
@@ -1418,7 +1418,7 @@ async fn a_refused_smarthost_login_defers_until_the_password_is_fixed() {
     })
     .await;
     let relay = hub.running.as_ref().unwrap().submission_addrs[0];
-    let dns = DnsServer::start(&["test"], &[]);
+    let dns = dns_with(&["test"], &[]);
     let password = pki.password_file("password", "correct horse\n");
     let mut s = sender(
         &dns,
@@ -1573,7 +1573,7 @@ impl RecordingPeer {
 async fn no_password_goes_to_a_smarthost_without_tls() {
     let (plain_hub, peer_ip) = ("127.0.13.2", "127.0.13.3");
     let pki = Pki::new();
-    let dns = DnsServer::start(&["test"], &[]);
+    let dns = dns_with(&["test"], &[]);
     let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
     let refusal = |at: std::net::SocketAddr| {
         let ip = at.ip();
@@ -1643,7 +1643,7 @@ async fn a_smarthost_login_needs_a_certificate_the_sender_trusts() {
     )
     .await;
     let starttls = hub.running.as_ref().unwrap().submission_addrs[0];
-    let dns = DnsServer::start(&["test"], &[]);
+    let dns = dns_with(&["test"], &[]);
     let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
     for (relay, want) in [
         (
@@ -1686,7 +1686,7 @@ async fn a_smarthost_port_that_offers_no_auth_is_not_sent_the_password() {
     let ip = "127.0.15.2";
     let pki = Pki::new();
     let hub = smarthost(ip, pki.listeners(&pki.ca, ip, None, None)).await;
-    let dns = DnsServer::start(&["test"], &[]);
+    let dns = dns_with(&["test"], &[]);
     let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
     let s = sender(&dns, 25, pki.relay_login(hub.addr.to_string(), password)).await;
     assert!(inject(&s, "alice@example.org", &["xavier@x.test"], "port 25").await);

@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::dns_server::{DnsServer, common_port};
+use common::dns_server::{DnsServer, common_port, dns_with};
 use common::server::TestServer;
 use letterbox::config::Config;
 use letterbox::queue::Entry;
@@ -163,7 +163,7 @@ fn srs0_shaped(a: &str, orig_domain: &str, orig_local: &str, domain: &str) -> bo
 async fn forwarded_mail_leaves_with_an_srs_sender_and_its_bounce_comes_back() {
     let (a, e) = ("127.0.20.2", "127.0.20.3");
     let port = common_port(&[a, e]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=a.test,mx.a.test,10".into(),
@@ -236,7 +236,7 @@ async fn forwarded_mail_leaves_with_an_srs_sender_and_its_bounce_comes_back() {
 async fn forged_and_expired_srs_addresses_are_refused_and_ours_kept() {
     let a = "127.0.21.2";
     let port = common_port(&[a]);
-    let dns = DnsServer::start(
+    let dns = dns_with(
         &["test"],
         &[
             "mx-host=a.test,mx.a.test,10".into(),

@@ -5,7 +5,8 @@
 //! DKIM keys are published), A, MX and PTR.
 //!
 //! Names under `.test`, `.example`, `example.org` and `in-addr.arpa` are
-//! answered from the config alone (NXDOMAIN when absent). Any other name
+//! answered from the config alone (NXDOMAIN when absent), or under the
+//! domains [`Zone::local`] names instead. Any other name
 //! is REFUSED, since dnsmasq has no upstream: the answer a resolver gives
 //! as SERVFAIL when it cannot reach a domain's servers, an error that is
 //! not "no such name". [`DnsServer::stop`] takes the server away, so
@@ -31,11 +32,28 @@ const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 #[derive(Debug, Clone, Default)]
 pub struct Zone {
     lines: String,
+    /// Where names are answered from the config alone; None: the
+    /// trust suites' domains.
+    local: Option<Vec<String>>,
 }
 
 impl Zone {
     pub fn new() -> Zone {
         Zone::default()
+    }
+
+    /// Answers from the config alone under `domains` only (`["test"]`).
+    pub fn local(mut self, domains: &[&str]) -> Zone {
+        self.local = Some(domains.iter().map(|d| d.to_string()).collect());
+        self
+    }
+
+    /// A record as a dnsmasq option line, for what the helpers below do
+    /// not cover: `mx-host=null.test,.,0` (a null MX),
+    /// `txt-record=_mta-sts.sts.test,"v=STSv1; id=1"`.
+    pub fn line(mut self, line: &str) -> Zone {
+        writeln!(self.lines, "{line}").unwrap();
+        self
     }
 
     /// A TXT record holding `text`, split into strings of at most 255
@@ -169,6 +187,10 @@ impl Drop for DnsServer {
 }
 
 fn config(port: u16, log: &std::path::Path, zone: &Zone) -> String {
+    let local = match &zone.local {
+        Some(domains) => domains.join("/"),
+        None => "test/example/example.org/in-addr.arpa".into(),
+    };
     format!(
         "port={port}\n\
          listen-address=127.0.0.1\n\
@@ -177,7 +199,7 @@ fn config(port: u16, log: &std::path::Path, zone: &Zone) -> String {
          no-hosts\n\
          pid-file=\n\
          user=root\n\
-         local=/test/example/example.org/in-addr.arpa/\n\
+         local=/{local}/\n\
          log-queries\n\
          log-facility={log}\n\
          {records}",
