@@ -1007,6 +1007,7 @@ def submission_run(server, load, client, tls, work, dkim_public):
             if not line:
                 fail("submit_load failed:")
             timing = json.loads(line)
+            server.tls_seen = timing.get("tls")
             deadline = time.monotonic() + 60
             while (left := server.queued()) > 0:
                 if time.monotonic() > deadline:
@@ -1080,7 +1081,8 @@ def submission_main(args):
                     results.append(r)
                     print(f"{load.name:>14} rep {rep + 1} {server.name:>24}: "
                           f"{r.msgs_per_s:8.0f} msg/s  ({r.delivered_s:.2f} s, 250s at "
-                          f"{r.accepted_s:.2f} s, {r.sink_connections} connections)", flush=True)
+                          f"{r.accepted_s:.2f} s, {r.sink_connections} connections, "
+                          f"{server.tls_seen})", flush=True)
     finally:
         try:
             os.kill(int((dns_dir / "dnsmasq.pid").read_text()), signal.SIGTERM)
@@ -1232,7 +1234,8 @@ def submission_report(w, sub):
       f"{v.get('dovecot', '?')}, {v.get('opendkim', '?')}. Medians of {sub['reps']} "
       "repetitions, the servers interleaved (A B C D, D C B A, …).\n")
     w("- load: `submit_load --sessions S --messages M --size SIZE --sink 127.0.0.2:0` "
-      "(bench/submit_load.rs). Each session: EHLO, STARTTLS (TLS 1.3, the self-signed "
+      "(bench/submit_load.rs). Each session: EHLO, STARTTLS (TLS 1.3 with both servers, as "
+      "submit_load reports; the self-signed "
       "certificate pinned), EHLO, AUTH PLAIN as `<session>@bench.test`, then its M/S messages "
       "one transaction after another on the same connection (MAIL, RCPT, DATA; no RSET, no "
       "pipelining), from `<session>@bench.test` to `<session>@remote.bench.test`, QUIT.")

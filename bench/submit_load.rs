@@ -23,7 +23,8 @@
 //!    when `--dkim` is given and none otherwise. When the last distinct
 //!    message has arrived it prints one JSON line: `accepted_s` (the last
 //!    session's 221), `delivered_s` (the last message at the sink), both
-//!    from the first connect.
+//!    from the first connect, and `tls`, the TLS versions the sessions
+//!    negotiated.
 //! 4. It keeps listening until stdin closes (the harness closes it once the
 //!    server's queue is empty), so a message delivered twice is still
 //!    counted, then prints a second JSON line with the totals and exits 1
@@ -251,7 +252,7 @@ async fn session(
     per_session: usize,
     password: &str,
     body: &[u8],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let tcp = TcpStream::connect(server).await?;
     tcp.set_nodelay(true)?;
     let mut c = Conn {
@@ -271,6 +272,11 @@ async fn session(
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, c.stream)
         .await?;
+    let version = stream
+        .get_ref()
+        .1
+        .protocol_version()
+        .map_or("none".to_string(), |v| format!("{v:?}"));
     let mut c = Conn {
         stream,
         buf: Vec::new(),
@@ -292,7 +298,7 @@ async fn session(
         c.step(&message(s, n, body), 250).await?;
     }
     c.step(b"QUIT\r\n", 221).await?;
-    Ok(())
+    Ok(version)
 }
 
 // ---------------------------------------------------------------- the sink
@@ -486,9 +492,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             })
         })
         .collect();
+    let mut versions = std::collections::BTreeSet::new();
     let accepted = tokio::time::timeout(args.timeout, async {
         for s in sessions {
-            s.await??;
+            versions.insert(s.await??);
         }
         anyhow::Ok(t0.elapsed())
     })
@@ -509,9 +516,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let delivered = sink.tally.lock().unwrap().last.expect("set with all_in") - t0;
     println!(
-        "{{\"accepted_s\": {:.6}, \"delivered_s\": {:.6}}}",
+        "{{\"accepted_s\": {:.6}, \"delivered_s\": {:.6}, \"tls\": {:?}}}",
         accepted.as_secs_f64(),
-        delivered.as_secs_f64()
+        delivered.as_secs_f64(),
+        versions.into_iter().collect::<Vec<_>>().join(" ")
     );
 
     // Until the harness has seen the server's queue empty.
