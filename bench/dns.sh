@@ -9,9 +9,12 @@
 # resolver cache it (RFC 2308). dnsmasq's plain local records have TTL 0
 # and its local NXDOMAIN no SOA, so nothing could be cached and every
 # message paid three uncached lookups that no real zone imposes.
-#   bench/dns.sh DIR PORT       stop it with: kill "$(cat DIR/dnsmasq.pid)"
+#   bench/dns.sh DIR PORT [LINE…]    stop it with: kill "$(cat DIR/dnsmasq.pid)"
+# Each LINE is added to its dnsmasq.conf (harness.py --submission adds the
+# remote domain's MX record).
 set -euo pipefail
 dir=$1 port=$2
+shift 2
 [[ -x /usr/sbin/dnsmasq ]] || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsmasq-base >/dev/null
 }
@@ -30,5 +33,6 @@ auth-ttl=300
 txt-record=client.test,"v=spf1 ip4:127.0.0.1 -all"
 txt-record=_dmarc.client.test,"v=DMARC1; p=reject"
 CONF
+if (($#)); then printf '%s\n' "$@" >>"$dir/dnsmasq.conf"; fi
 /usr/sbin/dnsmasq --conf-file="$dir/dnsmasq.conf"
 echo "127.0.0.1:$port"

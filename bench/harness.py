@@ -418,7 +418,12 @@ class Result:
     delivered_s: float  # until the last copy was in new/
     rss_peak: int | None = None
     cpu_s: float = 0.0  # busy CPU time of the whole machine over the run
-
+    # Submission runs: connections the queue opened to the destination,
+    # CPU time of the server's processes (Postfix: with its Dovecot and
+    # OpenDKIM; letterbox: with the DNS server it asks) and of submit_load.
+    sink_connections: int | None = None
+    server_cpu_s: float | None = None
+    client_cpu_s: float | None = None
 
     @property
     def msgs_per_s(self):
@@ -575,6 +580,527 @@ def idle_connections(server, n):
             s.close()
 
 
+# ---------------------------------------------------------------- submission
+#
+# --submission: what issue #14 asks to be measured. Mail clients log in on a
+# submission port (STARTTLS, then AUTH PLAIN) and send to a remote domain;
+# the server queues each message durably, answers 250, and delivers it
+# through its queue to that domain's next hop, a sink on 127.0.0.2 that
+# bench/submit_load.rs runs in the same process as the clients. The clock
+# runs from the first connect to the last message at the sink, so the
+# queue's delivery is in it. Servers:
+#   letterbox-submit         DKIM-signing for the From domain (what a real
+#                            user has), RSA 2048 made by `letterbox dkim keygen`
+#   letterbox-submit-nodkim  the same without a key
+#   postfix-submit           a private Postfix instance (its own config,
+#                            queue and data directories; the system one and
+#                            its maildir peer are not touched), submission
+#                            service with smtpd_tls_security_level=encrypt
+#                            and Dovecot SASL (a private Dovecot with only
+#                            its auth service, the same argon2 hashes as
+#                            letterbox's users), signing with OpenDKIM as a
+#                            milter with the same key
+#   postfix-submit-nodkim    the same without the milter
+
+SUB_REMOTE = "remote.bench.test"
+SUB_PASSWORD = "bench submission password"
+SUB_SELECTOR = "bench"
+SUB_SERVERS = ("letterbox-submit", "postfix-submit", "letterbox-submit-nodkim",
+               "postfix-submit-nodkim")
+
+
+def submission_loads(quick):
+    """Loads the submission client can send (one recipient); by default the
+    headline one, 20 sessions of 4 KiB messages."""
+    return [l for l in loads(quick) if l.rcpts == 1]
+
+
+def self_signed(dir):
+    """A throwaway certificate for both servers; the client pins it."""
+    dir.mkdir(parents=True, exist_ok=True)
+    cert, key = dir / "cert.pem", dir / "key.pem"
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "30", "-subj", "/CN=submission.bench.test",
+         "-addext", "subjectAltName=DNS:submission.bench.test",
+         "-keyout", key, "-out", cert], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.chmod(key, 0o600)
+    return cert, key
+
+
+def cpu_of(pids):
+    """CPU seconds of processes and of their children they have reaped
+    (utime, stime, cutime, cstime): a Postfix service process that exits
+    during a run is counted in its master's."""
+    total = 0
+    for pid in pids:
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in f[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def count_files(*dirs):
+    n = 0
+    for d in dirs:
+        for _, _, files in os.walk(d):
+            n += len(files)
+    return n
+
+
+class SubmitLetterbox(Letterbox):
+    """letterbox with its submission port open and a route for the remote
+    domain to the sink; its own SQLite directory of users with passwords."""
+
+    def __init__(self, binary, work, label, dkim, dns, tls):
+        self.binary, self.work, self.name, self.dkim = binary, work, label, dkim
+        self.dns, self.tls = dns, tls  # dns: (address, dnsmasq's pid)
+        self.db_url = f"sqlite://{work / 'letterbox.db'}"
+        self.proc = None
+        self.config = work / "letterbox.toml"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.write_config("127.0.0.2:9")  # provisioning needs a config; start() rewrites it
+
+    def write_config(self, sink):
+        cert, key = self.tls
+        # Logging at warn, as in the other runs; the DNS server answers the
+        # null-MX check letterbox makes at each remote RCPT (bench/dns.sh:
+        # nothing leaves the machine).
+        self.config.write_text(f"""hostname = "mx.bench.test"
+[database]
+url = "{self.db_url}"
+[smtp]
+listen = ["127.0.0.1:0"]
+reverse_dns = false
+[tls]
+cert = "{cert}"
+key = "{key}"
+[submission]
+listen = ["127.0.0.1:0"]
+[maildir]
+root = "{self.work / 'mail'}"
+[sink]
+enabled = false
+[dns]
+servers = ["{self.dns[0]}"]
+timeout = "2s"
+[outbound]
+routes = {{ "{SUB_REMOTE}" = "{sink}" }}
+[log]
+level = "warn"
+{AUTH_OFF}""")
+
+    def provision(self, users):
+        """The domain, `users` users with the bench's password and, for the
+        signing server, a DKIM key; returns the key's public half (base64)
+        or None."""
+        self.cli("migrate")
+        self.cli("domain", "add", DOMAIN)
+        for i in range(users):
+            self.cli("user", "add", f"{i}@{DOMAIN}", "--password-stdin",
+                     stdin=(SUB_PASSWORD + "\n").encode())
+        if not self.dkim:
+            return None
+        self.cli("dkim", "keygen", DOMAIN, "--selector", SUB_SELECTOR)
+        return self.dkim_key()[1]
+
+    def sql(self, query):
+        import sqlite3
+        with sqlite3.connect(self.work / "letterbox.db") as db:
+            return db.execute(query).fetchall()
+
+    def passdb(self):
+        """(user, {ARGON2ID} hash): what Dovecot checks on the Postfix side."""
+        return self.sql("SELECT username, password FROM dovecot_passdb")
+
+    def dkim_key(self):
+        """(private PEM, public base64) of the signing key."""
+        [(private, public)] = self.sql(
+            f"SELECT private_key, public_key FROM dkim_keys WHERE selector = '{SUB_SELECTOR}'")
+        return private, public
+
+    def start(self, sink):
+        self.write_config(sink)
+        self.proc = subprocess.Popen(
+            [self.binary, "--config", self.config, "serve"],
+            stdout=subprocess.PIPE, stderr=open(self.work / "serve.log", "ab"), text=True)
+        self.submission = None
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith("letterbox: submission listening on "):
+                self.submission = int(line.rsplit(":", 1)[1])
+            elif line == "letterbox: ready":
+                break
+        if self.submission is None:
+            raise SystemExit(f"letterbox did not start; see {self.work / 'serve.log'}")
+
+    def port(self):
+        return self.submission
+
+    def queued(self):
+        q = self.work / "mail" / ".letterbox-queue"
+        return sum(1 for f in os.scandir(q) if f.name.endswith(".state")) + count_files(q / "tmp")
+
+    def rss_now(self):
+        return None  # VmHWM at the end says more
+
+    def cpu(self):
+        return cpu_of([self.proc.pid, self.dns[1]])
+
+
+class SubmitPostfix(Server):
+    """A private Postfix instance (postfix -c DIR) with a submission
+    service, Dovecot SASL and, when `dkim`, OpenDKIM as a milter. Stock
+    queue and delivery settings: a durable queue file per message, the
+    default destination concurrency (20) and connection cache."""
+
+    maildir = False
+
+    def __init__(self, work, label, dkim, tls, passdb, dkim_private):
+        self.work, self.name, self.dkim, self.tls = work, label, dkim, tls
+        self.etc, self.queue = work / "etc", work / "queue"
+        self.dovecot_conf = work / "dovecot" / "dovecot.conf"
+        self.opendkim = None
+        self.submission = None
+        self.setup(passdb, dkim_private)
+
+    def setup(self, passdb, dkim_private):
+        w = self.work
+        for d in (self.etc, self.queue, w / "data", w / "dovecot" / "state", w / "opendkim"):
+            d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(w / "data", "postfix")
+        os.chmod(w / "data", 0o700)
+        # Debian's master.cf with chroot off (the private directories are
+        # not set up as chroots) and the port-25 service replaced by
+        # submission on loopback; the port is set at each start.
+        master = []
+        for line in open("/usr/share/postfix/master.cf.dist"):
+            f = line.split()
+            if line[:1].isalpha() and len(f) >= 8 and f[4] == "y":
+                f[4] = "n"
+                line = " ".join(f) + "\n"
+            if line.startswith("smtp ") or line.startswith("smtp\t"):
+                if f[1] == "inet":
+                    line = ("127.0.0.1:PORT inet n - n - - smtpd\n"
+                            "  -o syslog_name=postfix/submission\n"
+                            "  -o smtpd_tls_security_level=encrypt\n"
+                            "  -o smtpd_tls_auth_only=yes\n"
+                            "  -o smtpd_sasl_auth_enable=yes\n"
+                            "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
+                            "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n")
+            master.append(line)
+        (self.etc / "master.cf").write_text("".join(master))
+        cert, key = self.tls
+        (self.etc / "main.cf").write_text(f"""compatibility_level = 3.6
+queue_directory = {self.queue}
+data_directory = {w / 'data'}
+myhostname = submit.bench.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+maillog_file = {w / 'postfix.log'}
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
+smtp_tls_security_level = may
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = {w / 'dovecot' / 'run' / 'auth-postfix'}
+milter_default_action = tempfail
+""")
+        (w / "dovecot" / "passwd").write_text("".join(f"{u}:{h}\n" for u, h in passdb))
+        self.dovecot_conf.write_text(f"""base_dir = {w / 'dovecot' / 'run'}
+state_dir = {w / 'dovecot' / 'state'}
+instance_name = letterbox-bench-auth
+protocols =
+log_path = {w / 'dovecot' / 'dovecot.log'}
+auth_mechanisms = plain
+disable_plaintext_auth = no
+ssl = no
+passdb {{
+  driver = passwd-file
+  args = {w / 'dovecot' / 'passwd'}
+}}
+service auth {{
+  unix_listener auth-postfix {{
+    mode = 0666
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+""")
+        if self.dkim:
+            keyfile = w / "opendkim" / "key.pem"
+            keyfile.write_text(dkim_private)
+            os.chmod(keyfile, 0o600)
+            # Signing only, as letterbox does: relaxed/relaxed, From,
+            # Subject and Reply-To oversigned.
+            (w / "opendkim" / "opendkim.conf").write_text(f"""Mode s
+Domain {DOMAIN}
+Selector {SUB_SELECTOR}
+KeyFile {keyfile}
+Canonicalization relaxed/relaxed
+OversignHeaders From,Subject,Reply-To
+Syslog no
+RequireSafeKeys false
+""")
+
+    def postconf(self, *settings):
+        run(["postconf", "-c", self.etc, "-e", *settings], stdout=subprocess.DEVNULL)
+
+    def start(self, sink):
+        self.submission = free_port()
+        master = self.etc / "master.cf"
+        lines = master.read_text().splitlines(keepends=True)
+        lines = [f"127.0.0.1:{self.submission} inet n - n - - smtpd\n"
+                 if l.startswith("127.0.0.1:") else l for l in lines]
+        master.write_text("".join(lines))
+        milters = ""
+        if self.dkim:
+            port = free_port()
+            self.opendkim = subprocess.Popen(
+                ["opendkim", "-f", "-x", self.work / "opendkim" / "opendkim.conf",
+                 "-p", f"inet:{port}@127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=open(self.work / "opendkim" / "log", "ab"))
+            wait_port(port)
+            milters = f"inet:127.0.0.1:{port}"
+        host, port = sink.rsplit(":", 1)
+        self.postconf(f"transport_maps=inline:{{{SUB_REMOTE}=smtp:[{host}]:{port}}}",
+                      f"smtpd_milters={milters}")
+        run(["dovecot", "-c", self.dovecot_conf])
+        run(["postfix", "-c", self.etc, "start"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        wait_port(self.submission)
+
+    def stop(self):
+        # Both return before their masters are gone; the next start of the
+        # same instance would find them still there.
+        masters = [self.queue / "pid" / "master.pid", self.work / "dovecot" / "run" / "master.pid"]
+        pids = []
+        for f in masters:
+            try:
+                pids.append(int(f.read_text()))
+            except (OSError, ValueError):
+                pass
+        run(["postfix", "-c", self.etc, "stop"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        run(["dovecot", "-c", self.dovecot_conf, "stop"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.opendkim:
+            self.opendkim.terminate()
+            self.opendkim.wait(10)
+            self.opendkim = None
+
+    def port(self):
+        return self.submission
+
+    def queued(self):
+        return count_files(*(self.queue / d for d in
+                             ("maildrop", "incoming", "active", "deferred", "hold")))
+
+    def pids(self):
+        """This instance's processes (MAIL_CONFIG names its directory), its
+        Dovecot's and its OpenDKIM."""
+        dovecot = (self.work / "dovecot" / "run" / "master.pid")
+        try:
+            dovecot = dovecot.read_text().strip()
+        except OSError:
+            dovecot = None
+        mine = f"MAIL_CONFIG={self.etc}".encode()
+        out = []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            ppid = stat.rsplit(")", 1)[1].split()[1]
+            if (mine in env or pid == dovecot or ppid == dovecot
+                    or (self.opendkim and int(pid) == self.opendkim.pid)):
+                out.append(pid)
+        return out
+
+    def rss_now(self):
+        return sum(vm(pid, "VmRSS") or 0 for pid in self.pids())
+
+    def cpu(self):
+        return cpu_of(self.pids())
+
+    def rss_peak(self):
+        return None
+
+
+class RssSampler:
+    """The highest RSS a server reached, sampled every second in a thread:
+    Postfix's memory is spread over processes that come and go. (A scan of
+    /proc for Postfix's processes costs a few ms of CPU.)"""
+
+    def __init__(self, server):
+        import threading
+        self.server, self.peak = server, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while not self.done.wait(1):
+            self.peak = max(self.peak, self.server.rss_now() or 0)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
+def verify_dkim(sample, public, who):
+    """The first message the sink got carries a signature that verifies
+    with the bench key (dkimpy, as the tests use)."""
+    try:
+        import dkim
+    except ImportError:
+        print("dkimpy missing (python3-dkim): the signatures are counted, not verified",
+              file=sys.stderr)
+        return
+    record = f"v=DKIM1; k=rsa; p={public}".encode()
+    if not dkim.verify(sample.read_bytes(), dnsfunc=lambda name, timeout=5: record):
+        raise SystemExit(f"{who}: the DKIM signature of {sample} does not verify")
+
+
+def submission_run(server, load, client, tls, work, dkim_public):
+    """One load through one server; fails loudly unless every message
+    reached the sink exactly once, intact, signed when it should be, and
+    the server's queue is empty afterwards."""
+    sample = work / "sample.eml"
+    sample.unlink(missing_ok=True)
+    err = open(work / "submit_load.err", "w+")
+    proc = subprocess.Popen(
+        [client, "--cert", tls[0], "--password", SUB_PASSWORD, "--sessions", str(load.sessions),
+         "--messages", str(load.messages), "--size", str(load.size), "--sink", "127.0.0.2:0",
+         "--sample", sample, "--timeout", str(RUN_TIMEOUT)] + (["--dkim"] if server.dkim else []),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def fail(why):
+        err.seek(0)
+        raise SystemExit(f"{server.name} {load.name}: {why} {err.read().strip()}")
+
+    try:
+        first = proc.stdout.readline().split()
+        if first[:1] != ["sink"]:
+            fail("submit_load did not start:")
+        server.start(first[1])
+        try:
+            os.sync()
+            sampler = RssSampler(server)
+            cpu0, server0, client0 = cpu_busy(), server.cpu(), cpu_of([proc.pid])
+            proc.stdin.write(f"go 127.0.0.1:{server.port()}\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            cpu = cpu_busy() - cpu0
+            server_cpu, client_cpu = server.cpu() - server0, cpu_of([proc.pid]) - client0
+            peak = sampler.stop()
+            if not line:
+                fail("submit_load failed:")
+            timing = json.loads(line)
+            server.tls_seen = timing.get("tls")
+            deadline = time.monotonic() + 60
+            while (left := server.queued()) > 0:
+                if time.monotonic() > deadline:
+                    fail(f"{left} queue files left a minute after the last delivery")
+                time.sleep(0.05)
+            proc.stdin.close()
+            final = json.loads(proc.stdout.readline() or "{}")
+            if proc.wait(30) != 0:
+                fail(f"the sink counted {final}:")
+            if server.dkim:
+                verify_dkim(sample, dkim_public, server.name)
+            peak = max(peak, server.rss_peak() or 0)
+        finally:
+            server.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Result(server.name, load, timing["accepted_s"], timing["delivered_s"], peak or None,
+                  cpu, sink_connections=final["connections"], server_cpu_s=server_cpu,
+                  client_cpu_s=client_cpu)
+
+
+def submission_main(args):
+    """--submission: letterbox and Postfix as submission servers relaying
+    through their queues, interleaved per repetition like the main run."""
+    client = args.submit_load or args.binary.parent / "examples" / "submit_load"
+    if not client.exists():
+        raise SystemExit(f"no {client}: cargo build --release --example submit_load")
+    todo = submission_loads(args.quick)
+    todo = [l for l in todo if l.name in (args.loads or "20s-4K-1r").split(",")]
+    if not todo:
+        raise SystemExit("--submission sends to one recipient: a load ending in -1r")
+    work = args.work
+    tls = self_signed(work / "tls")
+    # letterbox asks for the remote domain's MX at each RCPT (a null MX
+    # refuses mail): answered, with a TTL, as a real domain's would be, so
+    # that its resolver caches it as it would in production. Nothing is
+    # asked of the system's resolver.
+    dns_dir = work / "dns"
+    dns = subprocess.run(["bash", str(Path(__file__).with_name("dns.sh")), dns_dir,
+                          str(free_port()), f"mx-host={SUB_REMOTE},mx.{SUB_REMOTE},10",
+                          "local-ttl=300"], check=True, capture_output=True,
+                         text=True).stdout.split()[-1]
+    dns = (dns, int((dns_dir / "dnsmasq.pid").read_text()))
+    try:
+        users = max(l.sessions for l in todo)
+        lb = SubmitLetterbox(args.binary, work / "letterbox-submit", "letterbox-submit", True,
+                             dns, tls)
+        lb_plain = SubmitLetterbox(args.binary, work / "letterbox-submit-nodkim",
+                                   "letterbox-submit-nodkim", False, dns, tls)
+        public = lb.provision(users)
+        lb_plain.provision(users)
+        private, _ = lb.dkim_key()
+        servers = [
+            lb,
+            SubmitPostfix(work / "postfix-submit", "postfix-submit", True, tls, lb.passdb(),
+                          private),
+            lb_plain,
+            SubmitPostfix(work / "postfix-submit-nodkim", "postfix-submit-nodkim", False, tls,
+                          lb.passdb(), None),
+        ]
+        if args.only:
+            servers = [s for s in servers if s.name in args.only.split(",")]
+        results = []
+        for load in todo:
+            for rep in range(args.reps):
+                order = servers if rep % 2 == 0 else list(reversed(servers))
+                for server in order:
+                    r = submission_run(server, load, client, tls, work, public)
+                    results.append(r)
+                    print(f"{load.name:>14} rep {rep + 1} {server.name:>24}: "
+                          f"{r.msgs_per_s:8.0f} msg/s  ({r.delivered_s:.2f} s, 250s at "
+                          f"{r.accepted_s:.2f} s, {r.sink_connections} connections, "
+                          f"{server.tls_seen})", flush=True)
+    finally:
+        try:
+            os.kill(int((dns_dir / "dnsmasq.pid").read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+    path = args.out / "results.json"
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    raw["submission"] = {
+        "reps": args.reps,
+        "versions": versions(args.binary, submission=True),
+        "results": [dict(vars(r), load=vars(r.load)) for r in results],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(raw, indent=1) + "\n")
+    report_only(args.out)
+    GRAVEYARD.empty()
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -586,7 +1112,27 @@ def mib(b):
     return f"{b / 1048576:.1f} MiB" if b else "–"
 
 
-def report(results, args, idle, versions, out_dir):
+def report(results, args, idle, versions, out_dir, submission=None):
+    """RESULTS.md: the matrix's tables, the submission run's, then
+    analysis.md; and the chart."""
+    lines = []
+    w = lines.append
+    w("# Benchmark results\n")
+    by, servers = matrix_report(w, results, args, idle, versions) if results else ({}, [])
+    if submission:
+        submission_report(w, submission)
+    notes = Path(__file__).with_name("analysis.md")
+    if notes.exists():
+        w(notes.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    if by:
+        chart(by, servers, out_dir)
+    print("\n".join(lines))
+
+
+def matrix_report(w, results, args, idle, versions):
+    """The tables of the main run (smtp-source, every server and load)."""
     by = {}
     for r in results:
         by.setdefault((r.load, r.server), []).append(r)
@@ -603,9 +1149,6 @@ def report(results, args, idle, versions, out_dir):
         rs = by.get((load, server))
         return median([r.msgs_per_s for r in rs]) if rs else None
 
-    lines = []
-    w = lines.append
-    w("# Benchmark results\n")
     w("Written by `bench/run.sh`; do not edit by hand. Medians of "
       f"{args.reps} interleaved repetitions per load.\n")
     w("## Machine and versions\n")
@@ -668,13 +1211,89 @@ def report(results, args, idle, versions, out_dir):
         base, held = idle
         w(f"Idle connections: letterbox with {args.idle} sessions open past the greeting: "
           f"{mib(held)} RSS ({mib(base)} before they connected).\n")
-    notes = Path(__file__).with_name("analysis.md")
-    if notes.exists():
-        w(notes.read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")
-    chart(by, servers, out_dir)
-    print("\n".join(lines))
+    return by, servers
+
+
+def submission_report(w, sub):
+    """The tables of the --submission run, from its part of results.json."""
+    results = [Result(**dict(r, load=Load(**r["load"]))) for r in sub["results"]]
+    by = {}
+    for r in results:
+        by.setdefault((r.load, r.server), []).append(r)
+    servers = [s for s in SUB_SERVERS if any(k[1] == s for k in by)]
+    the_loads = sorted({k[0] for k in by}, key=lambda l: (l.size, l.sessions))
+    v = sub["versions"]
+
+    def rate(load, server):
+        rs = by.get((load, server))
+        return median([r.msgs_per_s for r in rs]) if rs else None
+
+    w("## Submission relayed through the queue (issue #14)\n")
+    w(f"`bench/harness.py --submission`, {v.get('date', '?')}, {v.get('machine', '?')}; "
+      f"{v.get('letterbox', '?')}, Postfix {v.get('postfix', '?')}, Dovecot "
+      f"{v.get('dovecot', '?')}, {v.get('opendkim', '?')}. Medians of {sub['reps']} "
+      "repetitions, the servers interleaved (A B C D, D C B A, …).\n")
+    w("- load: `submit_load --sessions S --messages M --size SIZE --sink 127.0.0.2:0` "
+      "(bench/submit_load.rs). Each session: EHLO, STARTTLS (TLS 1.3 with both servers, as "
+      "submit_load reports; the self-signed "
+      "certificate pinned), EHLO, AUTH PLAIN as `<session>@bench.test`, then its M/S messages "
+      "one transaction after another on the same connection (MAIL, RCPT, DATA; no RSET, no "
+      "pipelining), from `<session>@bench.test` to `<session>@remote.bench.test`, QUIT.")
+    w("- destination: the same process listens on 127.0.0.2 (PIPELINING, no STARTTLS, any "
+      "number of messages per connection) and checks every message: the body byte for byte, "
+      "a Message-ID not seen before, a DKIM-Signature exactly when the server signs (the first "
+      "one verified with dkimpy). A run fails unless every message arrived once and the "
+      "server's queue is empty afterwards.")
+    w("- letterbox-submit: `[submission] listen`, `[outbound] routes = { \"remote.bench.test\" = "
+      "\"127.0.0.2:PORT\" }`, other settings default (4 connections per destination, one "
+      "message per connection), a DKIM key from `letterbox dkim keygen` (RSA 2048); "
+      "letterbox-submit-nodkim: no key. Both ask for the remote domain's MX at each RCPT (the "
+      "null-MX check), of bench/dns.sh's dnsmasq, which answers with an MX record and a "
+      "300 s TTL.")
+    w("- postfix-submit: a private instance (`postfix -c WORK/postfix-submit/etc`), Debian's "
+      "master.cf with a submission service (`smtpd_tls_security_level=encrypt`, "
+      "`smtpd_tls_auth_only=yes`, Dovecot SASL from a private Dovecot with the users' argon2 "
+      "hashes copied from letterbox), `transport_maps = inline:{remote.bench.test="
+      "smtp:[127.0.0.2]:PORT}`, other settings default (destination concurrency 20, connection "
+      "cache), OpenDKIM as a milter with the same key; postfix-submit-nodkim: no milter.")
+    w("")
+    w("| load | server | messages/s to the destination | messages/s accepted "
+      "| CPU ms per message: server | load tool | whole machine "
+      "| memory | connections to the destination | each repetition (messages/s) |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for load in the_loads:
+        for s in servers:
+            rs = by.get((load, s))
+            if not rs:
+                continue
+            conns = median([r.sink_connections for r in rs if r.sink_connections is not None])
+            ms = lambda f: median([f(r) / load.messages for r in rs]) * 1000
+            w(f"| {load.name} ({load.messages} msgs) | {s} | {rate(load, s):.0f} "
+              f"| {median([load.messages / r.accepted_s for r in rs]):.0f} "
+              f"| {ms(lambda r: r.server_cpu_s):.2f} | {ms(lambda r: r.client_cpu_s):.2f} "
+              f"| {ms(lambda r: r.cpu_s):.2f} "
+              f"| {mib(max((r.rss_peak or 0) for r in rs))} | {conns:.0f} "
+              f"| {', '.join(f'{r.msgs_per_s:.0f}' for r in rs)} |")
+    w("")
+    w("| load | letterbox ÷ postfix, both signing | letterbox ÷ postfix, neither signing "
+      "| letterbox signing ÷ not | postfix signing ÷ not |")
+    w("|---|---|---|---|---|")
+    ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "–"
+    for load in the_loads:
+        r = {s: rate(load, s) for s in SUB_SERVERS}
+        w(f"| {load.name} | {ratio(r['letterbox-submit'], r['postfix-submit'])} "
+          f"| {ratio(r['letterbox-submit-nodkim'], r['postfix-submit-nodkim'])} "
+          f"| {ratio(r['letterbox-submit'], r['letterbox-submit-nodkim'])} "
+          f"| {ratio(r['postfix-submit'], r['postfix-submit-nodkim'])} |")
+    w("")
+    w("Messages/s to the destination: messages ÷ time from the first connect to the last "
+      "message at the sink, so the queue's delivery is in it; accepted: ÷ time to the last "
+      "session's 221. CPU, until the last message is at the destination: of the server's "
+      "processes (letterbox and the DNS server it asks; Postfix's, its Dovecot's and its "
+      "OpenDKIM's, with the children they reaped), of submit_load (the clients and the sink), "
+      "and the busy time of the whole machine (which counts the kernel's own threads, and "
+      "anything else running). Memory: letterbox's peak RSS (VmHWM); for Postfix the highest sum of its "
+      "processes' RSS, its Dovecot's and its OpenDKIM's, sampled every second.\n")
 
 
 def chart(by, servers, out_dir):
@@ -729,6 +1348,13 @@ def main():
     ap.add_argument("--loads", help="comma-separated load names, e.g. 20s-4K-1r")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite RESULTS.md from OUT/results.json")
+    ap.add_argument("--submission", action="store_true",
+                    help="instead of the matrix: submission on a STARTTLS port with AUTH, relayed "
+                         "through the queue to a remote domain's sink, letterbox against a private "
+                         "Postfix (see submission_main); its results replace only the submission "
+                         "part of results.json")
+    ap.add_argument("--submit-load", type=Path,
+                    help="the submit_load example binary (default: beside --binary, in examples/)")
     args = ap.parse_args()
     if args.report_only:
         return report_only(args.out)
@@ -739,6 +1365,8 @@ def main():
     if args.work.exists():
         GRAVEYARD.bury(args.work)
     args.work.mkdir(parents=True)
+    if args.submission:
+        return submission_main(args)
     digests = reference_payloads(args.binary, args.work)
 
     servers = [Letterbox(args.binary, args.work / "sqlite",
@@ -815,9 +1443,13 @@ def main():
         "versions": versions(args.binary),
         "results": [dict(vars(r), load=vars(r.load)) for r in results],
     }
+    # The submission run's part is kept: each mode replaces only its own.
+    path = args.out / "results.json"
+    if path.exists() and "submission" in (old := json.loads(path.read_text())):
+        raw["submission"] = old["submission"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(raw, indent=1) + "\n")
-    report(results, args, idle, raw["versions"], args.out)
+    path.write_text(json.dumps(raw, indent=1) + "\n")
+    report_only(args.out)
     GRAVEYARD.empty()
 
 
@@ -825,10 +1457,10 @@ def report_only(out):
     """Rewrites RESULTS.md and the chart from results.json (after editing
     analysis.md, say) without running anything."""
     raw = json.loads((out / "results.json").read_text())
-    results = [Result(**dict(r, load=Load(**r["load"]))) for r in raw["results"]]
-    args = argparse.Namespace(reps=raw["reps"], idle=raw["idle"][0])
-    idle = tuple(raw["idle"][1]) if raw["idle"][1] else None
-    report(results, args, idle, raw["versions"], out)
+    results = [Result(**dict(r, load=Load(**r["load"]))) for r in raw.get("results", [])]
+    args = argparse.Namespace(reps=raw.get("reps"), idle=raw.get("idle", [0])[0])
+    idle = tuple(raw["idle"][1]) if raw.get("idle", [0, None])[1] else None
+    report(results, args, idle, raw.get("versions", {}), out, raw.get("submission"))
 
 
 def pg_database(admin_url):
@@ -839,7 +1471,7 @@ def pg_database(admin_url):
     return f"{base}/letterbox_bench"
 
 
-def versions(binary):
+def versions(binary, submission=False):
     def out(cmd):
         try:
             return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
@@ -853,9 +1485,13 @@ def versions(binary):
         "machine": f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, kernel {platform.release()}",
         "filesystem": disk,
         "letterbox": out([str(binary), "--version"]) + " (release build)",
-        "postfix": out(["postconf", "-h", "mail_version"]),
+        "postfix": out(["postconf", "-d", "-h", "mail_version"]),
         "rustc": out(["rustc", "--version"]),
-    }
+    } | ({
+        "dovecot": out(["dovecot", "--version"]),
+        "opendkim": out(["opendkim", "-V"]),
+        "openssl": out(["openssl", "version"]),
+    } if submission else {})
 
 
 if __name__ == "__main__":
