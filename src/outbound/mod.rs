@@ -656,6 +656,9 @@ impl Outbound {
             .await
             .map_err(|_| other("connection timed out".into()))?
             .map_err(|e| other(format!("cannot connect: {e}")))?;
+        // Commands and the message go out as soon as they are written, not
+        // after the peer's delayed ACK of the previous segment (40 ms each).
+        let _ = tcp.set_nodelay(true);
         let implicit_tls = self.relay.is_some() && host.port == 465;
         let name = ServerName::try_from(host.name.clone())
             .map_err(|_| other("not a valid TLS server name".into()))?;
