@@ -17,14 +17,19 @@
 //!   used for nothing else.
 //!
 //! Key generation and signing block (CPU); callers on the runtime go
-//! through `crate::blocking::run`.
+//! through `crate::blocking::run`. Parsed keys are kept ([`parsed`]):
+//! ring checks an RSA key's consistency when it loads it, which cost more
+//! than the signature itself when it was done for every message.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter as _;
+use mail_auth::common::headers::Writable;
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject as _;
@@ -277,37 +282,81 @@ pub fn sign(message: &[u8], keys: &[SigningKey]) -> Result<String, DkimError> {
     crate::blocking::assert_off_runtime("signing a message");
     let mut out = String::new();
     for key in keys {
-        let bad = |why: String| DkimError::Key {
-            domain: key.domain.clone(),
-            selector: key.selector.clone(),
-            why,
-        };
-        let der = PrivateKeyDer::from_pem_slice(key.private_pem.as_bytes())
-            .map_err(|e| bad(e.to_string()))?;
-        let header = match key.algorithm {
-            Algorithm::Rsa => {
-                let k = match &der {
-                    PrivateKeyDer::Pkcs8(d) => {
-                        RsaKey::<Sha256>::from_pkcs8_der(d.secret_pkcs8_der())
-                    }
-                    PrivateKeyDer::Pkcs1(d) => RsaKey::<Sha256>::from_der(d.secret_pkcs1_der()),
-                    _ => return Err(bad("not an RSA key".into())),
-                }
-                .map_err(|e| bad(e.to_string()))?;
-                sign_with(DkimSigner::from_key(k), key, message)?
-            }
-            Algorithm::Ed25519 => {
-                let PrivateKeyDer::Pkcs8(d) = &der else {
-                    return Err(bad("not a PKCS#8 Ed25519 key".into()));
-                };
-                let k = Ed25519Key::from_pkcs8_maybe_unchecked_der(d.secret_pkcs8_der())
-                    .map_err(|e| bad(e.to_string()))?;
-                sign_with(DkimSigner::from_key(k), key, message)?
-            }
+        let header = match &*parsed(key)? {
+            Parsed::Rsa(k) => sign_with(DkimSigner::from_key(Kept(k.clone())), key, message)?,
+            Parsed::Ed25519(k) => sign_with(DkimSigner::from_key(Kept(k.clone())), key, message)?,
         };
         out.push_str(&header);
     }
     Ok(out)
+}
+
+/// A private key as ring loaded it.
+enum Parsed {
+    Rsa(Arc<RsaKey<Sha256>>),
+    Ed25519(Arc<Ed25519Key>),
+}
+
+/// The keys loaded so far, by their PEM text: a key replaced in the
+/// directory is a new entry. Bounded: past 256 keys (far more than any
+/// server signs with) it starts again.
+fn parsed(key: &SigningKey) -> Result<Arc<Parsed>, DkimError> {
+    static LOADED: OnceLock<Mutex<HashMap<String, Arc<Parsed>>>> = OnceLock::new();
+    let loaded = LOADED.get_or_init(Default::default);
+    if let Some(p) = loaded.lock().unwrap().get(&key.private_pem) {
+        return Ok(p.clone());
+    }
+    let p = Arc::new(load(key)?);
+    let mut loaded = loaded.lock().unwrap();
+    if loaded.len() >= 256 {
+        loaded.clear();
+    }
+    loaded.insert(key.private_pem.clone(), p.clone());
+    Ok(p)
+}
+
+fn load(key: &SigningKey) -> Result<Parsed, DkimError> {
+    let bad = |why: String| DkimError::Key {
+        domain: key.domain.clone(),
+        selector: key.selector.clone(),
+        why,
+    };
+    let der = PrivateKeyDer::from_pem_slice(key.private_pem.as_bytes())
+        .map_err(|e| bad(e.to_string()))?;
+    match key.algorithm {
+        Algorithm::Rsa => {
+            let k = match &der {
+                PrivateKeyDer::Pkcs8(d) => RsaKey::<Sha256>::from_pkcs8_der(d.secret_pkcs8_der()),
+                PrivateKeyDer::Pkcs1(d) => RsaKey::<Sha256>::from_der(d.secret_pkcs1_der()),
+                _ => return Err(bad("not an RSA key".into())),
+            }
+            .map_err(|e| bad(e.to_string()))?;
+            Ok(Parsed::Rsa(Arc::new(k)))
+        }
+        Algorithm::Ed25519 => {
+            let PrivateKeyDer::Pkcs8(d) = &der else {
+                return Err(bad("not a PKCS#8 Ed25519 key".into()));
+            };
+            let k = Ed25519Key::from_pkcs8_maybe_unchecked_der(d.secret_pkcs8_der())
+                .map_err(|e| bad(e.to_string()))?;
+            Ok(Parsed::Ed25519(Arc::new(k)))
+        }
+    }
+}
+
+/// A kept key lent to a signer, which wants one it owns.
+struct Kept<K>(Arc<K>);
+
+impl<K: mail_auth::common::crypto::SigningKey> mail_auth::common::crypto::SigningKey for Kept<K> {
+    type Hasher = K::Hasher;
+
+    fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
+        self.0.sign(input)
+    }
+
+    fn algorithm(&self) -> mail_auth::common::crypto::Algorithm {
+        self.0.algorithm()
+    }
 }
 
 fn sign_with<T: mail_auth::common::crypto::SigningKey>(
