@@ -276,23 +276,32 @@ impl Outbound {
                     due.insert(id, 0);
                 }
             }
+            // Only as many of the oldest due entries as there are free
+            // slots are picked; with a backlog (every slot busy) nothing
+            // is copied or sorted, whatever the queue's length. The rest
+            // start when a running one ends (done_rx), not by a timer.
             let now = entry::now();
-            let mut ready: Vec<(u64, String)> = due
-                .iter()
-                .filter(|(_, t)| **t <= now)
-                .map(|(id, t)| (*t, id.clone()))
-                .collect();
-            ready.sort();
-            // Due entries left waiting for a slot are started when a
-            // running one ends (done_rx), not by a timer.
-            let mut waiting = HashSet::new();
-            for (_, id) in ready {
+            let free = self.entries.available_permits();
+            let mut ready: Vec<(u64, &String)> = if free == 0 {
+                Vec::new()
+            } else {
+                due.iter()
+                    .filter(|(_, t)| **t <= now)
+                    .map(|(id, t)| (*t, id))
+                    .collect()
+            };
+            if ready.len() > free {
+                ready.select_nth_unstable(free - 1);
+                ready.truncate(free);
+            }
+            ready.sort_unstable();
+            let ready: Vec<String> = ready.into_iter().map(|(_, id)| id.clone()).collect();
+            for id in ready {
                 if shutdown.is_cancelled() {
                     break;
                 }
                 let Ok(permit) = self.entries.clone().try_acquire_owned() else {
-                    waiting.insert(id);
-                    continue;
+                    break;
                 };
                 due.remove(&id);
                 in_flight.insert(id.clone());
@@ -304,9 +313,8 @@ impl Outbound {
                 });
             }
             let soonest = due
-                .iter()
-                .filter(|(id, _)| !waiting.contains(*id))
-                .map(|(_, t)| t)
+                .values()
+                .filter(|t| **t > now)
                 .min()
                 .map(|t| unix_instant(*t))
                 .unwrap_or(next_scan)
