@@ -17,7 +17,7 @@
 //!   used for nothing else.
 //!
 //! Key generation and signing block (CPU); callers on the runtime go
-//! through `crate::blocking::run`. Parsed keys are kept ([`parsed`]):
+//! through `crate::blocking::run`. Parsed keys are kept (`parsed`):
 //! ring checks an RSA key's consistency when it loads it, which cost more
 //! than the signature itself when it was done for every message.
 
