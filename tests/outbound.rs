@@ -1329,24 +1329,8 @@ async fn a_smarthost_login_over_starttls_relays_every_domain_in_one_transaction(
     let dns = dns_with(&["test"], &[]);
     let password = pki.password_file("password", &format!("{HUB_PASSWORD}\n"));
     let s = sender(&dns, 25, pki.relay_login(relay.to_string(), password)).await;
-    assert!(
-        inject(
-            &s,
-            "alice@example.org",
-            &["xavier@x.test", "yves@y.test"],
-            "relayed with a login"
-        )
-        .await
-    );
-    let x = wait_mail(&hub, "xavier@x.test", 1, Duration::from_secs(20)).await;
-    let y = wait_mail(&hub, "yves@y.test", 1, Duration::from_secs(20)).await;
-    assert_eq!(
-        check_relayed(&x[0], "xavier@x.test"),
-        check_relayed(&y[0], "yves@y.test"),
-        "one transaction to the smarthost"
-    );
-    assert!(x[0].contains("\nSubject: relayed with a login\n"));
-    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+    let x = relayed_in_one_transaction(&s, &hub, "relayed with a login").await;
+    assert!(x.contains("\nSubject: relayed with a login\n"));
     assert!(
         hub.new_files("alice@example.org").is_empty(),
         "nothing bounced at the hub"
@@ -1373,23 +1357,31 @@ async fn a_smarthost_on_port_465_gets_implicit_tls_and_the_login() {
     // No newline at all at the end of the file: the same password.
     let password = pki.password_file("password", HUB_PASSWORD);
     let s = sender(&dns, 25, pki.relay_login(format!("{ip}:465"), password)).await;
+    relayed_in_one_transaction(&s, &hub, "implicit TLS").await;
+}
+
+/// Sends from alice to xavier@x.test and yves@y.test through the smarthost
+/// `hub`, and checks they arrived in one logged-in transaction and left
+/// the queue; xavier's copy.
+async fn relayed_in_one_transaction(s: &TestServer, hub: &TestServer, subject: &str) -> String {
     assert!(
         inject(
-            &s,
+            s,
             "alice@example.org",
             &["xavier@x.test", "yves@y.test"],
-            "implicit TLS"
+            subject
         )
         .await
     );
-    let x = wait_mail(&hub, "xavier@x.test", 1, Duration::from_secs(20)).await;
-    let y = wait_mail(&hub, "yves@y.test", 1, Duration::from_secs(20)).await;
+    let x = wait_mail(hub, "xavier@x.test", 1, Duration::from_secs(20)).await;
+    let y = wait_mail(hub, "yves@y.test", 1, Duration::from_secs(20)).await;
     assert_eq!(
         check_relayed(&x[0], "xavier@x.test"),
         check_relayed(&y[0], "yves@y.test"),
         "one transaction to the smarthost"
     );
-    wait_queue(&s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+    wait_queue(s, "emptied", Duration::from_secs(10), |q| q.is_empty()).await;
+    x[0].clone()
 }
 
 /// Stops `s` and starts it again on the same config and files, its queue
